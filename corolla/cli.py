@@ -1,0 +1,133 @@
+"""Command line: `corolla dht | server | demo`. Server and network options are generated from their config
+dataclasses, so each default is defined once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import types
+import typing
+
+from corolla.errors import CorollaError
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+        base = next((t for t in options if t is not type(None)), str)
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_text)
+        elif base is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=default, help=help_text)
+        elif typing.get_origin(base) is tuple:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", nargs="*", default=list(default or ()),
+                                help=help_text)
+        else:
+            shown = f" (default: {default})" if default not in (None, "") else ""
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=base, default=default, help=help_text + shown)
+
+
+def _from_args(cls: type, args: argparse.Namespace):
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
+def _network_parser() -> argparse.ArgumentParser:
+    from corolla.net.node import NetworkConfig
+
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("network")
+    _add_dataclass_args(group, NetworkConfig)
+    return parser
+
+
+async def _run_dht(network) -> None:
+    from corolla.net.node import Node
+
+    node = await Node.create(network)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print("initial peers: " + " ".join(await node.addresses()), flush=True)
+        print("(pass these to servers and clients as --initial-peers; Ctrl-C to stop)", flush=True)
+        await stop.wait()
+    finally:
+        await node.shutdown()
+
+
+def cmd_dht(args) -> None:
+    from corolla.net.node import NetworkConfig
+
+    asyncio.run(_run_dht(_from_args(NetworkConfig, args)))
+
+
+def cmd_server(args) -> None:
+    from corolla.net.node import NetworkConfig
+    from corolla.server.config import ServerConfig
+    from corolla.server.server import Server
+
+    server = Server(_from_args(ServerConfig, args), _from_args(NetworkConfig, args))
+    asyncio.run(server.run())
+
+
+def cmd_demo(args) -> None:
+    from corolla.demo import run_demo
+
+    run_demo(model=args.model, prompt=args.prompt, servers=args.servers, max_new_tokens=args.max_new_tokens,
+             workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from corolla.server.config import ServerConfig
+
+    parser = argparse.ArgumentParser(prog="corolla", description="Run large language models together.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dht = commands.add_parser("dht", parents=[_network_parser()], help="run a bootstrap peer of a swarm")
+    dht.set_defaults(run=cmd_dht)
+
+    server = commands.add_parser("server", parents=[_network_parser()], help="serve a span of a model's blocks")
+    _add_dataclass_args(server, ServerConfig)
+    server.set_defaults(run=cmd_server)
+
+    demo = commands.add_parser("demo", help="run a private swarm on this machine and chat through it")
+    demo.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
+    demo.add_argument("--servers", type=int, default=3, help="number of servers (default: 3)")
+    demo.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    demo.add_argument("--workdir", default=None, help="where the processes' logs go (default: a temporary folder)")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("hivemind", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.run(args)
+    except CorollaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The client: keeps embeddings and LM head locally, runs the blocks through servers found in the DHT."""

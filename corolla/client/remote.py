@@ -1,0 +1,256 @@
+"""Running hidden states through the remote blocks: stateless forward, and inference sessions that keep
+server-side attention caches and survive servers failing (by re-routing and replaying their inputs)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from corolla.client.routing import Hop
+from corolla.client.swarm import SwarmClient
+from corolla.errors import CorollaError, RemoteError
+from corolla.net.messages import (FORWARD_PROTOCOL, INFERENCE_PROTOCOL, CloseSession, ErrorReply, ForwardRequest,
+                                  ForwardResult, OpenSession, SessionOpened, Step, StepResult)
+from corolla.net.node import MessageStream
+from corolla.net.wire import WireTensor
+
+logger = logging.getLogger(__name__)
+
+# Failures worth trying another server for. A "bad_request" reply is not among them: it would fail anywhere.
+_RECOVERABLE = (ConnectionError, EOFError, asyncio.TimeoutError, OSError)
+
+
+class _RetryableRemoteError(RemoteError):
+    pass
+
+
+def _check_reply(reply, expected: type, hop: Hop):
+    if isinstance(reply, ErrorReply):
+        error_class = RemoteError if reply.kind == "bad_request" else _RetryableRemoteError
+        raise error_class(hop.peer_id, (hop.start, hop.end), f"{reply.kind}: {reply.message}")
+    if not isinstance(reply, expected):
+        raise _RetryableRemoteError(hop.peer_id, (hop.start, hop.end), f"unexpected reply {reply.TYPE}")
+    return reply
+
+
+def _check_output(output: torch.Tensor, sent: torch.Tensor, hop: Hop) -> torch.Tensor:
+    if output.shape != sent.shape or output.dtype != sent.dtype:
+        raise _RetryableRemoteError(hop.peer_id, (hop.start, hop.end),
+                                    f"returned {tuple(output.shape)} {output.dtype}, expected {tuple(sent.shape)} {sent.dtype}")
+    return output
+
+
+def _optional(tensor: torch.Tensor | None) -> WireTensor | None:
+    return None if tensor is None else WireTensor.from_torch(tensor)
+
+
+class _Attempts:
+    """Counts failures of one call; raises once more than `max_retries` happened."""
+
+    def __init__(self, swarm: SwarmClient):
+        self.swarm, self.failures = swarm, 0
+
+    def failed(self, hop: Hop, error: BaseException) -> None:
+        self.failures += 1
+        logger.warning("server %s (blocks %d:%d) failed: %r", hop.peer_id, hop.start, hop.end, error)
+        self.swarm.ban(hop.peer_id)
+        if self.failures > self.swarm.config.max_retries:
+            raise CorollaError(
+                f"gave up after {self.failures} failed attempts; last: server {hop.peer_id} "
+                f"(blocks {hop.start}..{hop.end - 1}): {error!r}"
+            ) from error
+
+
+class RemoteSequence:
+    """Stateless forward of hidden states through all blocks (used outside inference sessions)."""
+
+    def __init__(self, swarm: SwarmClient):
+        self.swarm = swarm
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.swarm.call(self._forward(hidden, position_ids, attention_mask))
+
+    async def _forward(self, hidden, position_ids, attention_mask) -> torch.Tensor:
+        attempts = _Attempts(self.swarm)
+        position, end = 0, self.swarm.num_blocks
+        while position < end:
+            hop = (await self.swarm.route(position, end))[0]
+            try:
+                hidden = await self._call(hop, hidden, position_ids, attention_mask)
+                position = hop.end
+            except (_RetryableRemoteError, *_RECOVERABLE) as e:
+                attempts.failed(hop, e)
+        return hidden
+
+    async def _call(self, hop: Hop, hidden, position_ids, attention_mask) -> torch.Tensor:
+        stream = await self.swarm.connect(hop.peer_id, FORWARD_PROTOCOL)
+        try:
+            await stream.send(ForwardRequest(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
+                                             hidden=WireTensor.from_torch(hidden),
+                                             position_ids=_optional(position_ids),
+                                             attention_mask=_optional(attention_mask)))
+            reply = _check_reply(await stream.recv(self.swarm.config.step_timeout), ForwardResult, hop)
+            return _check_output(reply.hidden.to_torch("hidden"), hidden, hop)
+        finally:
+            stream.close()
+
+
+@dataclass
+class _HopSession:
+    hop: Hop
+    history: torch.Tensor | None = None  # inputs to block hop.start for positions [0, cached length)
+    needs_replay: bool = False  # a fresh server: must first receive the whole history
+    stream: MessageStream | None = None
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+@dataclass
+class _StepInputs:
+    start: int
+    positions: torch.Tensor  # [batch, start + new] positions of every token so far (for replays)
+    attention_mask: torch.Tensor | None  # [batch, start + new]
+
+
+class InferenceSession:
+    """A generation session over all blocks: one stream per server, caches kept on the servers.
+
+    Counter model: `position` = tokens the servers hold. `step(hidden, start=p)` replaces tokens >= p (p defaults
+    to `position`), so rolling back is stepping with an earlier start. The session keeps the inputs it sent to
+    each server; when a server fails, the remaining blocks are re-routed and the new servers get that history
+    replayed as one prefill before the step continues, so the output is the same as without the failure.
+    """
+
+    def __init__(self, swarm: SwarmClient, max_length: int, batch_size: int = 1):
+        self.swarm, self.max_length, self.batch_size = swarm, max_length, batch_size
+        self.position = 0
+        self._hops: list[_HopSession] = []
+        self._positions: torch.Tensor | None = None
+        self._step_ids = 0
+        self.closed = False
+
+    @property
+    def route(self) -> list[Hop]:
+        return [hop_session.hop for hop_session in self._hops]
+
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
+        if self.closed:
+            raise CorollaError("this inference session is closed")
+        start = self.position if start is None else start
+        batch, tokens, _ = hidden.shape
+        if not 0 <= start <= self.position:
+            raise CorollaError(f"step start={start} must be between 0 and the session's position {self.position}")
+        if batch != self.batch_size:
+            raise CorollaError(f"the session was opened for batch_size={self.batch_size}, got a batch of {batch}")
+        if start + tokens > self.max_length:
+            raise CorollaError(f"session max_length={self.max_length} exceeded: {start} + {tokens} tokens")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + tokens).unsqueeze(0).expand(batch, -1)
+        past = self._positions[:, :start] if self._positions is not None else position_ids[:, :0]
+        inputs = _StepInputs(start, torch.cat([past, position_ids.to(torch.int64)], dim=1), attention_mask)
+        output = self.swarm.call(self._step(hidden, inputs))
+        self._positions, self.position = inputs.positions, start + tokens
+        return output
+
+    async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
+        if not self._hops:
+            self._hops = [_HopSession(hop) for hop in await self.swarm.route(0, self.swarm.num_blocks)]
+        attempts = _Attempts(self.swarm)
+        x = hidden  # input to hop `index` for the new tokens
+        replay: torch.Tensor | None = None  # full-history input to hop `index`, while re-routed hops catch up
+        index = 0
+        while index < len(self._hops):
+            hop_session = self._hops[index]
+            try:
+                if hop_session.needs_replay:
+                    full = replay if replay is not None else self._with_history(hop_session, x, inputs.start)
+                    replay = await self._call(hop_session, full, 0, inputs.positions, inputs.attention_mask)
+                    hop_session.history, hop_session.needs_replay = full, False
+                    x = replay[:, inputs.start:]
+                else:
+                    new_positions = inputs.positions[:, inputs.start:]
+                    output = await self._call(hop_session, x, inputs.start, new_positions, inputs.attention_mask)
+                    hop_session.history = self._with_history(hop_session, x, inputs.start)
+                    x = output
+                index += 1
+            except (_RetryableRemoteError, *_RECOVERABLE) as e:
+                attempts.failed(hop_session.hop, e)
+                await self._reroute(index)
+        return x
+
+    @staticmethod
+    def _with_history(hop_session: _HopSession, x: torch.Tensor, start: int) -> torch.Tensor:
+        if hop_session.history is None or start == 0:
+            return x
+        return torch.cat([hop_session.history[:, :start], x], dim=1)
+
+    async def _reroute(self, index: int) -> None:
+        """Replace hops index.. with a new route from the failed hop's first block; they will replay history."""
+        failed = self._hops[index]
+        for hop_session in self._hops[index:]:
+            hop_session.close()
+        new_route = await self.swarm.route(failed.hop.start, self.swarm.num_blocks)
+        fresh = [_HopSession(hop, needs_replay=True) for hop in new_route]
+        fresh[0].history = failed.history  # same first block, so the same inputs
+        self._hops[index:] = fresh
+        logger.info("re-routed blocks %d:%d via %s", failed.hop.start, self.swarm.num_blocks,
+                    ", ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in new_route))
+
+    async def _call(self, hop_session: _HopSession, hidden: torch.Tensor, start: int, position_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+        hop, timeout = hop_session.hop, self.swarm.config.step_timeout
+        if hop_session.stream is None:
+            stream = await self.swarm.connect(hop.peer_id, INFERENCE_PROTOCOL)
+            try:
+                await stream.send(OpenSession(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
+                                              max_length=self.max_length, batch_size=self.batch_size))
+                _check_reply(await stream.recv(timeout), SessionOpened, hop)
+            except BaseException:
+                stream.close()
+                raise
+            hop_session.stream = stream
+        self._step_ids += 1
+        try:
+            await hop_session.stream.send(Step(step_id=self._step_ids, start=start,
+                                               hidden=WireTensor.from_torch(hidden),
+                                               position_ids=WireTensor.from_torch(position_ids),
+                                               attention_mask=_optional(attention_mask)))
+            reply = _check_reply(await hop_session.stream.recv(timeout), StepResult, hop)
+        except BaseException:
+            hop_session.close()  # the stream may be out of sync now; a retry opens a new one
+            raise
+        return _check_output(reply.hidden.to_torch("hidden"), hidden, hop)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        hops, self._hops = self._hops, []
+
+        async def close_all():
+            for hop_session in hops:
+                if hop_session.stream is not None:
+                    try:
+                        await asyncio.wait_for(hop_session.stream.send(CloseSession()), 2)
+                    except Exception:
+                        pass
+                hop_session.close()
+
+        try:
+            self.swarm.call(close_all(), timeout=10)
+        except Exception:
+            logger.debug("closing session streams failed", exc_info=True)
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

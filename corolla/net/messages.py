@@ -1,0 +1,77 @@
+"""Every message of the block-serving protocols, typed. Field comments give meaning, units and shapes.
+
+Inference stream (INFERENCE_PROTOCOL), one per (inference session, server):
+    client -> OpenSession, then any number of Step, then closes the stream (or sends CloseSession)
+    server -> SessionOpened, then one StepResult per Step; ErrorReply instead of any answer on failure
+
+Forward (FORWARD_PROTOCOL), one stream per request: client -> ForwardRequest; server -> ForwardResult | ErrorReply.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from corolla.net.wire import Message, WireTensor, message_type
+
+INFERENCE_PROTOCOL = "corolla/inference/1"
+FORWARD_PROTOCOL = "corolla/forward/1"
+
+
+@message_type("open_session")
+class OpenSession(Message):
+    model_id: str = Field(max_length=200, description="DHT model id the client expects the server to serve")
+    start_block: int = Field(ge=0, description="first block to run, inside the server's span")
+    end_block: int = Field(ge=1, description="one past the last block to run")
+    max_length: int = Field(ge=1, description="most tokens (prompt + generated) this session will hold")
+    batch_size: int = Field(default=1, ge=1, description="sequences per step")
+
+
+@message_type("session_opened")
+class SessionOpened(Message):
+    session_id: str = Field(description="server-chosen id, for logs")
+    start_block: int
+    end_block: int
+
+
+@message_type("step")
+class Step(Message):
+    step_id: int = Field(ge=0, description="client counter, echoed in the result")
+    start: int = Field(ge=0, description="cache position of the first new token; tokens at >= start are replaced "
+                                         "(this is how a client rolls back or replays)")
+    hidden: WireTensor = Field(description="[batch, new_tokens, hidden_size] activations entering the first block")
+    position_ids: WireTensor | None = Field(default=None, description="[batch, new_tokens] int64 positions; "
+                                                                      "default start..start+new_tokens-1")
+    attention_mask: WireTensor | None = Field(default=None, description="[batch, start + new_tokens] int64, "
+                                                                        "0 = padding; default all ones")
+
+
+@message_type("step_result")
+class StepResult(Message):
+    step_id: int
+    hidden: WireTensor = Field(description="[batch, new_tokens, hidden_size] activations leaving the last block")
+
+
+@message_type("close_session")
+class CloseSession(Message):
+    pass
+
+
+@message_type("forward_request")
+class ForwardRequest(Message):
+    model_id: str = Field(max_length=200)
+    start_block: int = Field(ge=0)
+    end_block: int = Field(ge=1)
+    hidden: WireTensor = Field(description="[batch, tokens, hidden_size]")
+    position_ids: WireTensor | None = Field(default=None, description="[batch, tokens] int64; default 0..tokens-1")
+    attention_mask: WireTensor | None = Field(default=None, description="[batch, tokens] int64, 0 = padding")
+
+
+@message_type("forward_result")
+class ForwardResult(Message):
+    hidden: WireTensor
+
+
+@message_type("error")
+class ErrorReply(Message):
+    kind: str = Field(description="error class: bad_request, cache_full, internal, ...")
+    message: str = Field(description="what was wrong, for a person")

@@ -1,0 +1,42 @@
+"""DHT records: what a server announces about itself, under which keys."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServerState(str, enum.Enum):
+    JOINING = "joining"  # loading blocks; not serving yet
+    ONLINE = "online"
+    OFFLINE = "offline"  # shutting down; clients must not route here
+
+
+class ServerRecord(BaseModel):
+    """Announced by a server for each block it serves, under block_key(model_id, block), subkey = its peer id."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")  # newer peers may add fields
+
+    state: ServerState
+    start_block: int = Field(ge=0, description="first block of the server's span")
+    end_block: int = Field(ge=1, description="one past the last block of the span")
+    throughput: float = Field(default=1.0, ge=0, description="inference tokens/s of the whole span (estimate)")
+    dtype: str = Field(default="float32", description="compute dtype")
+    quant: str = Field(default="none", description="weight quantization")
+    cache_tokens_left: int = Field(default=0, ge=0, description="attention-cache room, in tokens")
+    version: str = Field(default="", description="corolla version of the server")
+    public_name: str = Field(default="", max_length=100, description="optional human-readable server name")
+
+
+def block_key(model_id: str, block: int) -> str:
+    return f"{model_id}.{block}"
+
+
+class PeerRecord(BaseModel):
+    """A server as a client sees it: its peer id plus its latest record."""
+
+    model_config = ConfigDict(frozen=True)
+
+    peer_id: str
+    record: ServerRecord

@@ -1,0 +1,157 @@
+"""Wire format: length-prefixed msgpack frames holding one typed message each, tensors as raw bytes.
+
+A frame is a 4-byte big-endian length, then msgpack of {"type": <message type>, "v": <version>, "body": {...}}.
+Tensors travel as {"dtype", "shape", "data"} with the raw little-endian bytes (bf16 carried as is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+from typing import ClassVar
+
+import msgpack
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from corolla.errors import BadRequestError
+
+WIRE_VERSION = 1
+DEFAULT_MAX_FRAME_BYTES = 256 * 2**20
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class WireTensor(BaseModel):
+    """A tensor on the wire: dtype name, shape and raw bytes (C order)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dtype: str = Field(description="one of float32, float16, bfloat16, int64, int32, bool, uint8")
+    shape: tuple[int, ...] = Field(description="tensor shape; every dimension >= 0")
+    data: bytes = Field(description="raw bytes, prod(shape) * itemsize long")
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> "WireTensor":
+        tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        dtype = _DTYPE_NAMES.get(tensor.dtype)
+        if dtype is None:
+            raise TypeError(f"dtype {tensor.dtype} cannot be sent")
+        flat = tensor.contiguous().reshape(-1)
+        raw = flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
+        return cls(dtype=dtype, shape=tuple(tensor.shape), data=raw.numpy().tobytes())
+
+    def to_torch(self, field: str = "tensor") -> torch.Tensor:
+        """Decode, checking that dtype, shape and byte count agree; `field` names the tensor in errors."""
+        dtype = _DTYPES.get(self.dtype)
+        if dtype is None:
+            raise BadRequestError(f"{field}: unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
+        if any(d < 0 for d in self.shape):
+            raise BadRequestError(f"{field}: negative dimension in shape {list(self.shape)}")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(self.shape) * itemsize
+        if len(self.data) != expected:
+            raise BadRequestError(
+                f"{field}: {len(self.data)} bytes do not match shape {list(self.shape)} of {self.dtype} ({expected} bytes)"
+            )
+        if expected == 0:
+            return torch.empty(self.shape, dtype=dtype)
+        array = np.frombuffer(self.data, dtype=np.uint8).copy()  # writable, owned by torch afterwards
+        return torch.from_numpy(array).view(dtype).reshape(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in _FLOAT_DTYPES
+
+
+class Message(BaseModel):
+    """Base of every wire message. Subclasses set TYPE (the name on the wire, never the Python class name)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    TYPE: ClassVar[str] = ""  # set by @message_type
+
+
+_MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+def message_type(name: str):
+    """Class decorator: register a Message subclass under a stable wire name."""
+
+    def register(cls: type[Message]) -> type[Message]:
+        if name in _MESSAGE_TYPES:
+            raise ValueError(f"duplicate wire message type {name!r}")
+        cls.TYPE = name
+        _MESSAGE_TYPES[name] = cls
+        return cls
+
+    return register
+
+
+def encode(message: Message) -> bytes:
+    body = message.model_dump(mode="python")
+    return msgpack.packb({"type": message.TYPE, "v": WIRE_VERSION, "body": body}, use_bin_type=True)
+
+
+def decode(payload: bytes) -> Message:
+    """Parse one frame's payload into its typed message; any malformation raises BadRequestError naming it."""
+    try:
+        envelope = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types for garbage input
+        raise BadRequestError(f"frame is not valid msgpack: {e}") from None
+    if not isinstance(envelope, dict) or set(envelope) != {"type", "v", "body"}:
+        raise BadRequestError("frame must be a map with exactly the keys type, v, body")
+    if envelope["v"] != WIRE_VERSION:
+        raise BadRequestError(f"wire version {envelope['v']!r} is not supported (this peer speaks {WIRE_VERSION})")
+    cls = _MESSAGE_TYPES.get(envelope["type"]) if isinstance(envelope["type"], str) else None
+    if cls is None:
+        raise BadRequestError(f"unknown message type {envelope['type']!r}")
+    if not isinstance(envelope["body"], dict):
+        raise BadRequestError(f"{envelope['type']}: body must be a map")
+    try:
+        return cls.model_validate(envelope["body"])
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise BadRequestError(f"{envelope['type']}.{where}: {first['msg']}") from None
+
+
+_LENGTH = struct.Struct(">I")
+
+
+async def write_frame(writer: asyncio.StreamWriter, message: Message) -> None:
+    payload = encode(message)
+    writer.write(_LENGTH.pack(len(payload)))
+    writer.write(payload)
+    await writer.drain()
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    """Read one message. Raises EOFError when the peer closed the stream cleanly between frames."""
+    try:
+        header = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            raise EOFError("stream closed") from None
+        raise ConnectionError("stream closed inside a frame header") from None
+    (length,) = _LENGTH.unpack(header)
+    if length > max_bytes:
+        raise BadRequestError(f"frame of {length} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise ConnectionError("stream closed inside a frame") from None
+    return decode(payload)

@@ -1,0 +1,66 @@
+"""The blocks a server holds and the one compute thread that runs them.
+
+Handlers never touch tensors on the device: they build SpanInputs and await `BlockBackend.run`, which executes on
+a single worker thread that owns the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import DynamicCache
+
+from corolla.models.spec import FamilySpec, SpanInputs
+
+
+class BlockBackend:
+    """Blocks [start, end) of one model on one device, plus the compute thread."""
+
+    def __init__(self, config: PretrainedConfig, spec: FamilySpec, blocks: list[nn.Module],
+                 helpers: dict[str, nn.Module], start: int, device: torch.device, dtype: torch.dtype):
+        self.config, self.spec, self.blocks, self.helpers = config, spec, blocks, helpers
+        self.start, self.end = start, start + len(blocks)
+        self.device, self.dtype = device, dtype
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    async def run(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run_sync, start_block, end_block, inputs)
+
+    def _run_sync(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
+        wire_dtype = inputs.hidden.dtype
+        on_device = replace(
+            inputs,
+            hidden=inputs.hidden.to(self.device, self.dtype),
+            position_ids=inputs.position_ids.to(self.device),
+            attention_mask=None if inputs.attention_mask is None else inputs.attention_mask.to(self.device),
+        )
+        blocks = self.blocks[start_block - self.start:end_block - self.start]
+        with torch.inference_mode():
+            output = self.spec.run_span(self.config, self.helpers, blocks, start_block, on_device)
+        return output.to("cpu", wire_dtype)
+
+    def measure_throughput(self, tokens: int = 16) -> float:
+        """Decode tokens/s of the whole span, measured with the real step path (one warm-up step first)."""
+        cache = self.new_cache()
+        hidden = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype)
+        timings = []
+        for position in range(tokens + 1):
+            inputs = SpanInputs(hidden=hidden, position_ids=torch.tensor([[position]]), attention_mask=None,
+                                cache=cache)
+            began = time.perf_counter()
+            self._run_sync(self.start, self.end, inputs)
+            timings.append(time.perf_counter() - began)
+        return 1.0 / max(sorted(timings[1:])[len(timings) // 2 - 1], 1e-6)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,26 @@
+"""Server settings: each default is defined here once; the CLI is generated from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = field(metadata={"help": "local Hugging Face-format model directory", "positional": True})
+    blocks: str | None = field(default=None, metadata={"help": "span to serve, START:END (END exclusive)"})
+    num_blocks: int | None = field(default=None, metadata={"help": "serve this many blocks where the swarm needs "
+                                                                   "them most (ignored with --blocks)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
+    dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (default: the "
+                                                              "checkpoint's dtype)"})
+    model_name: str | None = field(default=None, metadata={"help": "name in the DHT (default: the directory name)"})
+    public_name: str = field(default="", metadata={"help": "a name for this server shown on swarm maps"})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
+    cache_tokens: int = field(default=32768, metadata={"help": "attention-cache budget, in tokens over all sessions"})
+    max_session_length: int = field(default=8192, metadata={"help": "most tokens one session may hold"})
+    max_batch_size: int = field(default=64, metadata={"help": "most sequences in one request"})
+    max_step_tokens: int = field(default=8192, metadata={"help": "most new tokens (batch x length) in one step"})
+    session_idle_timeout: float = field(default=300.0, metadata={"help": "seconds a session may stay silent"})
+    announce_period: float = field(default=10.0, metadata={"help": "seconds between DHT announcements"})
+    wait_for_swarm: float = field(default=10.0, metadata={"help": "seconds to wait for the DHT when choosing blocks"})

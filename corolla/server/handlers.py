@@ -1,0 +1,213 @@
+"""RPC handlers: parse and check each message once, hand plain inputs to the backend, answer.
+
+A bad message gets an ErrorReply naming what was wrong; the session (and every other) carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from corolla.errors import BadRequestError, CacheFullError
+from corolla.models.spec import SpanInputs
+from corolla.net.messages import (CloseSession, ErrorReply, ForwardRequest, ForwardResult, OpenSession,
+                                  SessionOpened, Step, StepResult)
+from corolla.net.node import MessageStream
+from corolla.net.wire import WireTensor
+from corolla.server.backend import BlockBackend
+from corolla.server.sessions import CacheBudget, Session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_session_length: int
+    max_batch_size: int
+    max_step_tokens: int
+    session_idle_timeout: float
+    open_timeout: float = 30.0
+
+
+def _check_blocks(backend: BlockBackend, start: int, end: int) -> None:
+    if not backend.start <= start < end <= backend.end:
+        raise BadRequestError(
+            f"blocks {start}:{end} are not inside this server's span {backend.start}:{backend.end}"
+        )
+
+
+def _hidden(tensor: WireTensor, backend: BlockBackend, limits: Limits, batch_size: int | None) -> torch.Tensor:
+    if not tensor.is_float:
+        raise BadRequestError(f"hidden: dtype must be float32, float16 or bfloat16, not {tensor.dtype}")
+    if len(tensor.shape) != 3:
+        raise BadRequestError(f"hidden: expected 3 dimensions [batch, tokens, hidden], got shape {list(tensor.shape)}")
+    batch, tokens, width = tensor.shape
+    if width != backend.config.hidden_size:
+        raise BadRequestError(f"hidden: last dimension must be hidden_size={backend.config.hidden_size}, got {width}")
+    if batch_size is not None and batch != batch_size:
+        raise BadRequestError(f"hidden: batch of {batch} does not match the session's batch_size={batch_size}")
+    if not 1 <= batch <= limits.max_batch_size:
+        raise BadRequestError(f"hidden: batch must be 1..{limits.max_batch_size}, got {batch}")
+    if not 1 <= tokens or batch * tokens > limits.max_step_tokens:
+        raise BadRequestError(f"hidden: batch x tokens must be 1..{limits.max_step_tokens}, got {batch}x{tokens}")
+    return tensor.to_torch("hidden")
+
+
+def _int_tensor(tensor: WireTensor | None, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    if tensor.dtype not in ("int64", "int32", "bool", "uint8"):
+        raise BadRequestError(f"{name}: dtype must be an integer type, not {tensor.dtype}")
+    if tuple(tensor.shape) != shape:
+        raise BadRequestError(f"{name}: expected shape {list(shape)}, got {list(tensor.shape)}")
+    return tensor.to_torch(name).to(torch.int64)
+
+
+def parse_step(step: Step, session: Session, backend: BlockBackend, limits: Limits) -> SpanInputs:
+    if step.start > session.length:
+        raise BadRequestError(f"start={step.start} is past the session's {session.length} cached tokens")
+    hidden = _hidden(step.hidden, backend, limits, session.batch_size)
+    batch, tokens, _ = hidden.shape
+    if step.start + tokens > session.max_length:
+        raise BadRequestError(
+            f"start {step.start} + {tokens} new tokens exceeds the session's max_length={session.max_length}"
+        )
+    positions = _int_tensor(step.position_ids, "position_ids", (batch, tokens))
+    if positions is None:
+        positions = torch.arange(step.start, step.start + tokens).unsqueeze(0).expand(batch, -1)
+    mask = _int_tensor(step.attention_mask, "attention_mask", (batch, step.start + tokens))
+    return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=session.cache)
+
+
+def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits) -> SpanInputs:
+    _check_blocks(backend, request.start_block, request.end_block)
+    hidden = _hidden(request.hidden, backend, limits, None)
+    batch, tokens, _ = hidden.shape
+    if tokens > limits.max_session_length:
+        raise BadRequestError(f"hidden: {tokens} tokens exceed max_session_length={limits.max_session_length}")
+    positions = _int_tensor(request.position_ids, "position_ids", (batch, tokens))
+    if positions is None:
+        positions = torch.arange(tokens).unsqueeze(0).expand(batch, -1)
+    mask = _int_tensor(request.attention_mask, "attention_mask", (batch, tokens))
+    return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=None)
+
+
+class Handlers:
+    def __init__(self, backend: BlockBackend, model_id: str, budget: CacheBudget, limits: Limits):
+        self.backend, self.model_id, self.budget, self.limits = backend, model_id, budget, limits
+        self.sessions: dict[str, Session] = {}
+
+    def _check_model(self, model_id: str) -> None:
+        if model_id != self.model_id:
+            raise BadRequestError(f"this server serves model {self.model_id!r}, not {model_id!r}")
+
+    def _open(self, request: OpenSession) -> Session:
+        self._check_model(request.model_id)
+        _check_blocks(self.backend, request.start_block, request.end_block)
+        if request.max_length > self.limits.max_session_length:
+            raise BadRequestError(
+                f"max_length={request.max_length} exceeds this server's max_session_length="
+                f"{self.limits.max_session_length}"
+            )
+        if request.batch_size > self.limits.max_batch_size:
+            raise BadRequestError(f"batch_size={request.batch_size} exceeds max_batch_size={self.limits.max_batch_size}")
+        tokens = request.max_length * request.batch_size
+        self.budget.reserve(tokens)
+        session = Session(start_block=request.start_block, end_block=request.end_block,
+                          max_length=request.max_length, batch_size=request.batch_size,
+                          cache=self.backend.new_cache(), reserved_tokens=tokens)
+        self.sessions[session.session_id] = session
+        return session
+
+    def _close(self, session: Session) -> None:
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.budget.release(session.reserved_tokens)
+            session.cache = None  # drop the tensors now, not when the handler frame goes away
+
+    async def inference(self, stream: MessageStream) -> None:
+        try:
+            first = await stream.recv(timeout=self.limits.open_timeout)
+            if not isinstance(first, OpenSession):
+                raise BadRequestError(f"the first message of a session must be open_session, not {first.TYPE}")
+            session = self._open(first)
+        except (BadRequestError, CacheFullError) as e:
+            await _reply_error(stream, e)
+            return
+        except (EOFError, ConnectionError, asyncio.TimeoutError):
+            return
+        logger.info("session %s opened by %s: blocks %d:%d, max_length %d, batch %d", session.session_id,
+                    stream.peer_id, session.start_block, session.end_block, session.max_length, session.batch_size)
+        try:
+            await stream.send(SessionOpened(session_id=session.session_id, start_block=session.start_block,
+                                            end_block=session.end_block))
+            await self._serve_steps(stream, session)
+        except (EOFError, ConnectionError):
+            pass
+        finally:
+            self._close(session)
+            logger.info("session %s closed (%d sessions open)", session.session_id, len(self.sessions))
+
+    async def _serve_steps(self, stream: MessageStream, session: Session) -> None:
+        while True:
+            try:
+                message = await stream.recv(timeout=self.limits.session_idle_timeout)
+            except asyncio.TimeoutError:
+                await _reply_error(stream, BadRequestError(
+                    f"session idle for more than {self.limits.session_idle_timeout:.0f} s; closed"))
+                return
+            except BadRequestError as e:  # the frame was read whole, so the stream is still in sync
+                await _reply_error(stream, e)
+                continue
+            if isinstance(message, CloseSession):
+                return
+            if not isinstance(message, Step):
+                await _reply_error(stream, BadRequestError(f"expected step or close_session, got {message.TYPE}"))
+                continue
+            try:
+                inputs = parse_step(message, session, self.backend, self.limits)
+            except BadRequestError as e:
+                await _reply_error(stream, e)
+                continue
+            session.rewind(message.start)
+            try:
+                output = await self.backend.run(session.start_block, session.end_block, inputs)
+            except Exception as e:
+                logger.exception("step failed in session %s", session.session_id)
+                # The cache may hold part of this step now: end the session; the client replays elsewhere.
+                await _reply_error(stream, e, kind="internal")
+                return
+            session.length = message.start + inputs.hidden.shape[1]
+            await stream.send(StepResult(step_id=message.step_id, hidden=WireTensor.from_torch(output)))
+
+    async def forward(self, stream: MessageStream) -> None:
+        try:
+            request = await stream.recv(timeout=self.limits.open_timeout)
+            if not isinstance(request, ForwardRequest):
+                raise BadRequestError(f"expected forward_request, got {request.TYPE}")
+            self._check_model(request.model_id)
+            inputs = parse_forward(request, self.backend, self.limits)
+        except BadRequestError as e:
+            await _reply_error(stream, e)
+            return
+        except (EOFError, ConnectionError, asyncio.TimeoutError):
+            return
+        try:
+            output = await self.backend.run(request.start_block, request.end_block, inputs)
+        except Exception as e:
+            logger.exception("forward failed")
+            await _reply_error(stream, e, kind="internal")
+            return
+        await stream.send(ForwardResult(hidden=WireTensor.from_torch(output)))
+
+
+async def _reply_error(stream: MessageStream, error: Exception, kind: str | None = None) -> None:
+    if kind is None:
+        kind = "cache_full" if isinstance(error, CacheFullError) else "bad_request"
+    message = str(error) if kind != "internal" else f"internal error: {type(error).__name__}: {error}"
+    try:
+        await stream.send(ErrorReply(kind=kind, message=message[:2000]))
+    except (ConnectionError, RuntimeError):
+        pass

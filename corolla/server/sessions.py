@@ -1,0 +1,59 @@
+"""Inference sessions held by a server and the token budget of their attention caches.
+
+Counter model: a session's `length` is the number of tokens in its cache. A step with `start` <= length first
+drops cached tokens at positions >= start (rollback or replay), then appends its new tokens: length = start + new.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from transformers.cache_utils import DynamicCache
+
+from corolla.errors import CacheFullError
+
+
+class CacheBudget:
+    """Tokens of attention cache the server may hold over all sessions (reserved per session at open)."""
+
+    def __init__(self, total_tokens: int):
+        self.total = total_tokens
+        self.used = 0
+
+    @property
+    def left(self) -> int:
+        return self.total - self.used
+
+    def reserve(self, tokens: int) -> None:
+        if tokens > self.left:
+            raise CacheFullError(
+                f"server cache full: this session needs {tokens} tokens, {self.left} of {self.total} are free"
+            )
+        self.used += tokens
+
+    def release(self, tokens: int) -> None:
+        self.used = max(0, self.used - tokens)
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Session:
+    start_block: int
+    end_block: int
+    max_length: int
+    batch_size: int
+    cache: DynamicCache
+    reserved_tokens: int
+    length: int = 0
+    session_id: str = field(default_factory=lambda: f"s{next(_ids)}")
+    last_active: float = field(default_factory=time.monotonic)
+
+    def rewind(self, start: int) -> None:
+        """Drop cached tokens at positions >= start."""
+        if start < self.length:
+            self.cache.crop(start - self.length)
+            self.length = start
