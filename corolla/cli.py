@@ -65,7 +65,7 @@ async def _run_dht(network) -> None:
         print("(pass these to servers and clients as --initial-peers; Ctrl-C to stop)", flush=True)
         await stop.wait()
     finally:
-        await node.shutdown()
+        await asyncio.wait_for(node.shutdown(), 10)
 
 
 def cmd_dht(args) -> None:
@@ -90,6 +90,12 @@ def cmd_demo(args) -> None:
              workdir=args.workdir)
 
 
+def cmd_fetch_model(args) -> None:
+    from corolla.models.embedded import ensure_embedded_model
+
+    print(ensure_embedded_model())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from corolla.server.config import ServerConfig
 
@@ -111,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
     demo.add_argument("--workdir", default=None, help="where the processes' logs go (default: a temporary folder)")
     demo.set_defaults(run=cmd_demo)
+
+    fetch = commands.add_parser("fetch-model", help="fetch and convert the embedded model; print its directory")
+    fetch.set_defaults(run=cmd_fetch_model)
     return parser
 
 

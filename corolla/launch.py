@@ -92,9 +92,12 @@ class LocalSwarm:
         return process
 
     def stop(self, process: Process, timeout: float = 15) -> None:
-        """SIGTERM to the process group led by `process` (it and its p2p daemon), then SIGKILL if needed."""
+        """SIGTERM to the process (it stops its own p2p daemon), then SIGKILL to its whole group if needed."""
         if process.alive():
-            _signal_group(process, signal.SIGTERM)
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             try:
                 process.popen.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -11,7 +11,7 @@ import torch
 
 from corolla.client.routing import Hop
 from corolla.client.swarm import SwarmClient
-from corolla.errors import CorollaError, RemoteError
+from corolla.errors import CorollaError, MissingBlocksError, RemoteError
 from corolla.net.messages import (FORWARD_PROTOCOL, INFERENCE_PROTOCOL, CloseSession, ErrorReply, ForwardRequest,
                                   ForwardResult, OpenSession, SessionOpened, Step, StepResult)
 from corolla.net.node import MessageStream
@@ -64,6 +64,15 @@ class _Attempts:
             ) from error
 
 
+async def _no_replacement_names(hop: Hop, error: BaseException, rerouting) -> None:
+    """Await a re-route; if no server can take over, say which server failed and which blocks are left bare."""
+    try:
+        await rerouting
+    except MissingBlocksError as missing:
+        raise CorollaError(f"server {hop.peer_id} (blocks {hop.start}..{hop.end - 1}) failed ({error!r}), "
+                           f"and no other server took over: {missing}") from error
+
+
 class RemoteSequence:
     """Stateless forward of hidden states through all blocks (used outside inference sessions)."""
 
@@ -84,6 +93,7 @@ class RemoteSequence:
                 position = hop.end
             except (_RetryableRemoteError, *_RECOVERABLE) as e:
                 attempts.failed(hop, e)
+                await _no_replacement_names(hop, e, self.swarm.route(position, end))
         return hidden
 
     async def _call(self, hop: Hop, hidden, position_ids, attention_mask) -> torch.Tensor:
@@ -183,7 +193,7 @@ class InferenceSession:
                 index += 1
             except (_RetryableRemoteError, *_RECOVERABLE) as e:
                 attempts.failed(hop_session.hop, e)
-                await self._reroute(index)
+                await _no_replacement_names(hop_session.hop, e, self._reroute(index))
         return x
 
     @staticmethod

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from corolla.errors import CorollaError
@@ -143,9 +144,13 @@ class Node:
         await self._p2p.add_binary_stream_handler(protocol, on_stream)
 
     async def connect(self, peer_id: str, protocol: str, timeout: float) -> MessageStream:
-        _, reader, writer = await asyncio.wait_for(
-            self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol), timeout
-        )
+        """Open a stream to `peer_id`; ConnectionError if the peer cannot be reached, TimeoutError after `timeout`."""
+        try:
+            _, reader, writer = await asyncio.wait_for(
+                self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol), timeout
+            )
+        except (ControlFailure, P2PDaemonError) as e:
+            raise ConnectionError(f"cannot reach {peer_id}: {e}") from None
         return MessageStream(peer_id, reader, writer)
 
     async def shutdown(self) -> None:

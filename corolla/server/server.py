@@ -113,4 +113,4 @@ class Server:
         finally:
             if backend is not None:
                 backend.shutdown()
-            await node.shutdown()
+            await asyncio.wait_for(node.shutdown(), 10)

@@ -1,0 +1,59 @@
+"""Fixtures: tiny random models made locally, and real local swarms (processes on 127.0.0.1, stopped by PID)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from corolla.launch import LocalSwarm  # noqa: E402
+from tiny_models import make_tiny_llama  # noqa: E402
+
+LONG = os.environ.get("COROLLA_LONG") == "1"
+OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(models_dir) -> Path:
+    return make_tiny_llama(models_dir / "tiny-llama", num_layers=5)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from corolla.models.embedded import ensure_embedded_model
+
+    return ensure_embedded_model(progress=False)
+
+
+@pytest.fixture
+def local_swarm(tmp_path, request):
+    """A LocalSwarm whose processes are all stopped at the end of the test."""
+    workdir = OUTPUT_DIR / request.node.name.replace("/", "_").replace("[", "_").replace("]", "")
+    with LocalSwarm(workdir) as swarm:
+        yield swarm
+
+
+def start_swarm(swarm: LocalSwarm, model: Path, spans: list[tuple[int, int]], extra_args=()) -> list:
+    swarm.start_dht()
+    processes = [swarm.start_server(model, span, f"server{i}", ["--num-threads", "1", *extra_args], wait=False)
+                 for i, span in enumerate(spans)]
+    for process in processes:
+        swarm.wait_for_line(process, "ready:", timeout=180)
+    return processes
+
+
+@pytest.fixture(scope="module")
+def tiny_swarm(tiny_llama, request):
+    """Bootstrap peer + 3 servers splitting the tiny Llama's 5 blocks unevenly: 0:2, 2:4, 4:5."""
+    with LocalSwarm(OUTPUT_DIR / f"{request.module.__name__}-tiny-swarm") as swarm:
+        start_swarm(swarm, tiny_llama, [(0, 2), (2, 4), (4, 5)])
+        yield swarm

@@ -1,0 +1,49 @@
+"""The embedded model (SmolLM2-135M-Instruct) through a 3-server swarm equals plain transformers, and the demo
+prints a sensible answer."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import OUTPUT_DIR, start_swarm
+from corolla import AutoDistributedModelForCausalLM
+from corolla.launch import LocalSwarm
+
+
+@pytest.fixture(scope="module")
+def smol_swarm(smollm2):
+    with LocalSwarm(OUTPUT_DIR / "smollm2-swarm") as swarm:
+        start_swarm(swarm, smollm2, [(0, 10), (10, 20), (20, 30)])
+        yield swarm
+
+
+def test_smollm2_swarm_matches_transformers(smol_swarm, smollm2):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    reference = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    model = AutoDistributedModelForCausalLM.from_pretrained(smollm2, initial_peers=smol_swarm.initial_peers)
+    try:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                            add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():
+            assert (model(ids).logits - reference(ids).logits).abs().max() < 1e-4
+        got = model.generate(ids, max_new_tokens=20, do_sample=False)
+        want = reference.generate(ids, max_new_tokens=20, do_sample=False)
+        assert got.tolist() == want.tolist()
+        assert "Paris" in tokenizer.decode(got[0, ids.shape[1]:])
+    finally:
+        model.close()
+
+
+def test_demo_prints_a_sensible_answer(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "corolla.cli", "demo", "--max-new-tokens", "24", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Paris" in result.stdout
+    assert result.stdout.count("served by server") == 3
+    assert "tokens/s" in result.stdout and "Done." in result.stdout

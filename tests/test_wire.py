@@ -1,0 +1,61 @@
+"""The wire format: typed messages round-trip exactly; malformed frames raise errors that name what is wrong."""
+
+import msgpack
+import pytest
+import torch
+
+from corolla.errors import BadRequestError
+from corolla.net.messages import ErrorReply, OpenSession, Step
+from corolla.net.wire import WIRE_VERSION, WireTensor, decode, encode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_tensor_round_trip_is_exact(dtype):
+    tensor = (torch.randn(2, 3, 5) * 100).to(dtype)
+    assert torch.equal(WireTensor.from_torch(tensor).to_torch(), tensor)
+
+
+def test_step_message_round_trip():
+    hidden = torch.randn(1, 4, 8)
+    step = Step(step_id=3, start=7, hidden=WireTensor.from_torch(hidden),
+                position_ids=WireTensor.from_torch(torch.arange(7, 11)[None]))
+    decoded = decode(encode(step))
+    assert isinstance(decoded, Step) and decoded.start == 7 and decoded.step_id == 3
+    assert torch.equal(decoded.hidden.to_torch(), hidden)
+
+
+def test_encoding_is_pinned():
+    # The wire names and layout are a contract with other peers: changing them must be deliberate.
+    payload = encode(ErrorReply(kind="bad_request", message="x"))
+    assert msgpack.unpackb(payload) == {"type": "error", "v": WIRE_VERSION,
+                                        "body": {"kind": "bad_request", "message": "x"}}
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    (b"\xc1garbage", "not valid msgpack"),
+    (msgpack.packb([1, 2]), "exactly the keys"),
+    (msgpack.packb({"type": "nope", "v": WIRE_VERSION, "body": {}}), "unknown message type"),
+    (msgpack.packb({"type": "step", "v": 99, "body": {}}), "wire version"),
+    (msgpack.packb({"type": "open_session", "v": WIRE_VERSION,
+                    "body": {"model_id": "m", "start_block": -1, "end_block": 2, "max_length": 5}}),
+     "open_session.start_block"),
+    (msgpack.packb({"type": "open_session", "v": WIRE_VERSION,
+                    "body": {"model_id": "m", "start_block": 0, "end_block": 2, "max_length": 5, "extra": 1}}),
+     "open_session.extra"),
+])
+def test_malformed_frames_name_the_problem(payload, fragment):
+    with pytest.raises(BadRequestError, match=fragment):
+        decode(payload)
+
+
+def test_tensor_byte_count_is_checked():
+    bad = WireTensor(dtype="float32", shape=(2, 2), data=b"\x00" * 12)
+    with pytest.raises(BadRequestError, match="hidden: 12 bytes do not match shape"):
+        bad.to_torch("hidden")
+    with pytest.raises(BadRequestError, match="unknown dtype"):
+        WireTensor(dtype="float128", shape=(1,), data=b"").to_torch()
+
+
+def test_open_session_defaults():
+    message = decode(encode(OpenSession(model_id="m", start_block=0, end_block=1, max_length=4)))
+    assert message.batch_size == 1
