@@ -96,6 +96,20 @@ def cmd_fetch_model(args) -> None:
     print(ensure_embedded_model())
 
 
+def _add_optional_commands(commands) -> None:
+    """Commands defined next to their feature (e.g. corolla/api/commands.py: api, chat, health)."""
+    import importlib
+
+    for module_name in ("corolla.api.commands",):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        module.add_commands(commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from corolla.server.config import ServerConfig
 
@@ -117,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
     demo.add_argument("--workdir", default=None, help="where the processes' logs go (default: a temporary folder)")
     demo.set_defaults(run=cmd_demo)
+
+    _add_optional_commands(commands)
 
     fetch = commands.add_parser("fetch-model", help="fetch and convert the embedded model; print its directory")
     fetch.set_defaults(run=cmd_fetch_model)

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.cache_utils import DynamicCache
 
 from corolla.errors import NotAModelError, UnsupportedModelError
 from corolla.models.checkpoint import Checkpoint, load_blocks, load_client_parts, load_config, make_span_helpers
@@ -17,15 +16,15 @@ def run_split(model_dir, input_ids, spans, step_ids=None):
     spec = family_for(config)
     parts = load_client_parts(model_dir, config, torch.float32)
     loaded = [(load_blocks(model_dir, config, a, b, "cpu", torch.float32),
-               make_span_helpers(spec, config, "cpu", torch.float32), DynamicCache(config=config), a)
+               make_span_helpers(spec, config, "cpu", torch.float32), spec.make_cache(config), a)
               for a, b in spans]
 
     def through(ids, offset):
-        hidden = parts[spec.embeddings_path](ids)
+        hidden = spec.embed(config, parts, spec, ids, None, None)
         positions = torch.arange(offset, offset + ids.shape[1])[None]
         for blocks, helpers, cache, first in loaded:
             hidden = spec.run_span(config, helpers, blocks, first, SpanInputs(hidden, positions, None, cache))
-        return parts[spec.lm_head_path](parts[spec.final_norm_path](hidden))
+        return spec.head(config, parts, spec, hidden)
 
     with torch.inference_mode():
         logits = through(input_ids, 0)

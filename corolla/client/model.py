@@ -64,10 +64,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: PretrainedConfig, parts: dict[str, nn.Module], swarm: SwarmClient):
         super().__init__(config)
-        spec = family_for(config)
-        self.embed_tokens = parts[spec.embeddings_path]
-        self.norm = parts[spec.final_norm_path]
-        self.lm_head = parts[spec.lm_head_path]
+        self.spec = family_for(config)
+        # Registered as submodules under their transformers paths' last names (embed_tokens, norm, lm_head, ...).
+        self.client_parts = nn.ModuleDict({path.replace(".", "_"): module for path, module in parts.items()})
+        self._parts_by_path = parts
         self.swarm = swarm
         self.remote = RemoteSequence(swarm)
         self._local = threading.local()  # the active inference session, per calling thread
@@ -75,13 +75,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     # -- transformers plumbing -----------------------------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.embed_tokens
+        return self._parts_by_path[self.spec.embeddings_path]
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embed_tokens = value
+        self._parts_by_path[self.spec.embeddings_path] = value
+        self.client_parts[self.spec.embeddings_path.replace(".", "_")] = value
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
+        return self._parts_by_path[self.spec.lm_head_path]
+
+    def embed(self, input_ids=None, inputs_embeds=None, position_ids=None) -> torch.Tensor:
+        """Client-side input step: hidden states entering the first remote block."""
+        return self.spec.embed(self.config, self._parts_by_path, self.spec, input_ids, inputs_embeds, position_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Client-side output step: logits from the hidden states leaving the last remote block."""
+        return self.spec.head(self.config, self._parts_by_path, self.spec, hidden)
 
     def _init_weights(self, module: nn.Module) -> None:
         pass  # every weight comes from the checkpoint
@@ -115,18 +124,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 **kwargs) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         session = cache.session if isinstance(cache, RemoteSessionCache) else self.active_session
+        if position_ids is None:
+            batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+            offset = session.position if session is not None else 0
+            position_ids = torch.arange(offset, offset + length).unsqueeze(0).expand(batch, -1)
+        hidden = self.embed(input_ids, inputs_embeds, position_ids)
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
         if session is not None:
             start = session.position
             hidden = session.step(hidden, position_ids=position_ids, attention_mask=mask, start=start)
         else:
             hidden = self.remote.forward(hidden, position_ids=position_ids, attention_mask=mask)
-        hidden = self.norm(hidden)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = self.head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

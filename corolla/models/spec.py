@@ -32,6 +32,25 @@ class SpanInputs:
     cache: Cache | None
 
 
+def embed_tokens(config: PretrainedConfig, parts: dict[str, nn.Module], spec: "FamilySpec",
+                 input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                 position_ids: torch.Tensor | None) -> torch.Tensor:
+    """Default client-side input step: the token embeddings (or the caller's inputs_embeds) as they are."""
+    return parts[spec.embeddings_path](input_ids) if inputs_embeds is None else inputs_embeds
+
+
+def lm_head_logits(config: PretrainedConfig, parts: dict[str, nn.Module], spec: "FamilySpec",
+                   hidden: torch.Tensor) -> torch.Tensor:
+    """Default client-side output step: final norm, then the LM head."""
+    return parts[spec.lm_head_path](parts[spec.final_norm_path](hidden))
+
+
+def dynamic_cache(config: PretrainedConfig) -> Cache:
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(config=config)
+
+
 # Runs blocks[first:...] on SpanInputs: (config, helpers built once per span, the blocks, first block index, inputs).
 SpanRunner = Callable[[PretrainedConfig, dict[str, nn.Module], list[nn.Module], int, SpanInputs], torch.Tensor]
 
@@ -49,6 +68,12 @@ class FamilySpec:
     embeddings_path: str = "model.embed_tokens"  # module path of the input embeddings in causal_lm_class
     final_norm_path: str = "model.norm"  # module path of the final norm
     lm_head_path: str = "lm_head"  # module path of the LM head
+    # Client side: inputs -> hidden entering block 0 (embeddings, learned positions, scaling, ...).
+    embed: Callable[..., torch.Tensor] = embed_tokens
+    # Client side: hidden leaving the last block -> logits (final norm, LM head, soft-capping, ...).
+    head: Callable[..., torch.Tensor] = lm_head_logits
+    # Server side: a new, empty attention cache for one session over this model.
+    make_cache: Callable[[PretrainedConfig], Cache] = dynamic_cache
 
     @property
     def client_paths(self) -> tuple[str, ...]:

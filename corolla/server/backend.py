@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache
 
 from corolla.models.spec import FamilySpec, SpanInputs
 
@@ -29,8 +29,8 @@ class BlockBackend:
         self.device, self.dtype = device, dtype
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def new_cache(self) -> Cache:
+        return self.spec.make_cache(self.config)
 
     async def run(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
         loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ from corolla.models.checkpoint import DTYPES, config_dtype, load_blocks, load_co
 from corolla.models.spec import family_for
 from corolla.net.messages import FORWARD_PROTOCOL, INFERENCE_PROTOCOL
 from corolla.net.node import NetworkConfig, Node
+from corolla.net.ping import serve_ping
 from corolla.net.directory import read_servers
 from corolla.net.records import ServerRecord, ServerState, block_key
 from corolla.server.backend import BlockBackend
@@ -101,6 +102,7 @@ class Server:
             handlers = Handlers(backend, self.model_id, budget, limits)
             await node.serve(INFERENCE_PROTOCOL, handlers.inference)
             await node.serve(FORWARD_PROTOCOL, handlers.forward)
+            await serve_ping(node)
             await self._announce(node, self._record(ServerState.ONLINE, throughput, budget), ttl)
             print(f"ready: serving blocks {self.start}:{self.end} of {self.model_id} as {node.peer_id}", flush=True)
             while not self.stop.is_set():

@@ -10,7 +10,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache
 
 from corolla.errors import CacheFullError
 
@@ -46,7 +46,7 @@ class Session:
     end_block: int
     max_length: int
     batch_size: int
-    cache: DynamicCache
+    cache: Cache
     reserved_tokens: int
     length: int = 0
     session_id: str = field(default_factory=lambda: f"s{next(_ids)}")

@@ -1,0 +1,54 @@
+"""Round-trip time between peers: a tiny echo protocol (server handler and client call side by side)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pydantic import Field
+
+from corolla.net.node import MessageStream, Node
+from corolla.net.wire import Message, message_type
+
+PING_PROTOCOL = "corolla/ping/1"
+
+
+@message_type("ping")
+class Ping(Message):
+    nonce: int = Field(ge=0, description="echoed back")
+
+
+@message_type("pong")
+class Pong(Message):
+    nonce: int
+
+
+async def serve_ping(node: Node, max_pings: int = 16) -> None:
+    async def handle(stream: MessageStream) -> None:
+        for _ in range(max_pings):
+            try:
+                message = await stream.recv(timeout=10)
+            except (EOFError, ConnectionError, asyncio.TimeoutError):
+                return
+            if not isinstance(message, Ping):
+                return
+            await stream.send(Pong(nonce=message.nonce))
+
+    await node.serve(PING_PROTOCOL, handle)
+
+
+async def measure_rtt(node: Node, peer_id: str, timeout: float = 5.0, pings: int = 2) -> float:
+    """Best round-trip time in seconds over `pings` echoes on one stream (the first also opens the stream)."""
+    stream = await node.connect(peer_id, PING_PROTOCOL, timeout)
+    try:
+        best = float("inf")
+        for nonce in range(pings):
+            began = time.perf_counter()
+            await stream.send(Ping(nonce=nonce))
+            reply = await stream.recv(timeout)
+            if not isinstance(reply, Pong) or reply.nonce != nonce:
+                raise ConnectionError(f"{peer_id} answered a ping with {reply.TYPE}")
+            best = min(best, time.perf_counter() - began)
+        return best
+    finally:
+        stream.close()
