@@ -63,7 +63,9 @@ def test_dht_identity_gives_a_stable_peer_id(local_swarm, tmp_path):
 
 
 def test_demo_stops_every_process_on_ctrl_c(tmp_path):
+    # A long answer, so that Ctrl-C arrives mid-generation.
     demo = subprocess.Popen([sys.executable, "-m", "corolla.cli", "demo", "--workdir", str(tmp_path),
+                             "--prompt", "Write a long story about a dragon who learns to cook.",
                              "--max-new-tokens", "400"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

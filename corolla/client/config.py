@@ -9,7 +9,12 @@ from dataclasses import dataclass
 class ClientConfig:
     connect_timeout: float = 10.0  # seconds to open a stream to a server
     step_timeout: float = 60.0  # seconds a server may take to answer one step or forward
+    call_timeout: float = 300.0  # seconds one step or forward may take in all, retries and waits included
     missing_blocks_wait: float = 30.0  # seconds to wait for servers to appear for uncovered blocks
     max_retries: int = 5  # failed attempts (over all servers) tolerated per call before giving up
     ban_seconds: float = 15.0  # a failed server is skipped this long (doubling on each further failure)
     refresh_period: float = 5.0  # seconds a fetched list of servers is reused
+    ping_timeout: float = 2.0  # seconds to wait for a ping answer; a server that does not answer is skipped
+    rtt_refresh_period: float = 30.0  # seconds a measured round-trip time is reused
+    allowed_servers: tuple[str, ...] | None = None  # peer ids the client may use (None = any)
+    blocked_servers: tuple[str, ...] = ()  # peer ids the client must not use

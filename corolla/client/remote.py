@@ -50,11 +50,13 @@ def _optional(tensor: torch.Tensor | None) -> WireTensor | None:
 class _Attempts:
     """Counts failures of one call; raises once more than `max_retries` happened."""
 
-    def __init__(self, swarm: SwarmClient):
-        self.swarm, self.failures = swarm, 0
+    def __init__(self, swarm: SwarmClient, log: list[str] | None = None):
+        self.swarm, self.failures, self.log = swarm, 0, log
 
     def failed(self, hop: Hop, error: BaseException) -> None:
         self.failures += 1
+        if self.log is not None:
+            self.log.append(hop.peer_id)
         logger.warning("server %s (blocks %d:%d) failed: %r", hop.peer_id, hop.start, hop.end, error)
         self.swarm.ban(hop.peer_id)
         if self.failures > self.swarm.config.max_retries:
@@ -81,19 +83,19 @@ class RemoteSequence:
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.swarm.call(self._forward(hidden, position_ids, attention_mask))
+        return self.swarm.call(self._forward(hidden, position_ids, attention_mask), self.swarm.config.call_timeout)
 
     async def _forward(self, hidden, position_ids, attention_mask) -> torch.Tensor:
         attempts = _Attempts(self.swarm)
         position, end = 0, self.swarm.num_blocks
         while position < end:
-            hop = (await self.swarm.route(position, end))[0]
+            hop = (await self.swarm.route(position, end, purpose="forward"))[0]
             try:
                 hidden = await self._call(hop, hidden, position_ids, attention_mask)
                 position = hop.end
             except (_RetryableRemoteError, *_RECOVERABLE) as e:
                 attempts.failed(hop, e)
-                await _no_replacement_names(hop, e, self.swarm.route(position, end))
+                await _no_replacement_names(hop, e, self.swarm.route(position, end, purpose="forward"))
         return hidden
 
     async def _call(self, hop: Hop, hidden, position_ids, attention_mask) -> torch.Tensor:
@@ -145,6 +147,11 @@ class InferenceSession:
         self._positions: torch.Tensor | None = None
         self._step_ids = 0
         self.closed = False
+        self.failed_servers: list[str] = []  # peer ids that failed during this session, in order
+
+    @property
+    def _cache_tokens(self) -> int:
+        return self.max_length * self.batch_size
 
     @property
     def route(self) -> list[Hop]:
@@ -166,14 +173,20 @@ class InferenceSession:
             position_ids = torch.arange(start, start + tokens).unsqueeze(0).expand(batch, -1)
         past = self._positions[:, :start] if self._positions is not None else position_ids[:, :0]
         inputs = _StepInputs(start, torch.cat([past, position_ids.to(torch.int64)], dim=1), attention_mask)
-        output = self.swarm.call(self._step(hidden, inputs))
+        try:
+            output = self.swarm.call(self._step(hidden, inputs), self.swarm.config.call_timeout)
+        except TimeoutError:
+            self.close()  # streams may be mid-message now; this session cannot continue
+            raise CorollaError(f"an inference step took longer than call_timeout="
+                               f"{self.swarm.config.call_timeout:.0f} s; the session is closed") from None
         self._positions, self.position = inputs.positions, start + tokens
         return output
 
     async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
         if not self._hops:
-            self._hops = [_HopSession(hop) for hop in await self.swarm.route(0, self.swarm.num_blocks)]
-        attempts = _Attempts(self.swarm)
+            route = await self.swarm.route(0, self.swarm.num_blocks, min_cache_tokens=self._cache_tokens)
+            self._hops = [_HopSession(hop) for hop in route]
+        attempts = _Attempts(self.swarm, self.failed_servers)
         x = hidden  # input to hop `index` for the new tokens
         replay: torch.Tensor | None = None  # full-history input to hop `index`, while re-routed hops catch up
         index = 0
@@ -207,7 +220,7 @@ class InferenceSession:
         failed = self._hops[index]
         for hop_session in self._hops[index:]:
             hop_session.close()
-        new_route = await self.swarm.route(failed.hop.start, self.swarm.num_blocks)
+        new_route = await self.swarm.route(failed.hop.start, self.swarm.num_blocks, min_cache_tokens=self._cache_tokens)
         fresh = [_HopSession(hop, needs_replay=True) for hop in new_route]
         fresh[0].history = failed.history  # same first block, so the same inputs
         self._hops[index:] = fresh

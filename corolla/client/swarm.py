@@ -9,13 +9,15 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Coroutine
 
 from corolla.client.config import ClientConfig
-from corolla.client.routing import Hop, missing_ranges, plan_route
+from corolla.client.routing import Hop, RouteFilter, missing_ranges, plan_balanced_route, plan_fastest_route
 from corolla.errors import MissingBlocksError
 from corolla.net.directory import read_servers
 from corolla.net.node import MessageStream, NetworkConfig, Node
+from corolla.net.ping import measure_rtt
 from corolla.net.records import PeerRecord
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,8 @@ class SwarmClient:
         self._thread.start()
         self._servers: list[PeerRecord] = []
         self._fetched_at = -float("inf")
-        self._bans: dict[str, tuple[float, float]] = {}  # peer -> (banned until, current ban length)
+        self._bans: dict[str, _Ban] = {}
+        self._rtts: dict[str, tuple[float, float]] = {}  # peer -> (round-trip seconds, measured at)
         self._closed = False
         try:
             self.node: Node = self.call(Node.create(network, client_mode=True), timeout=60)
@@ -58,27 +61,64 @@ class SwarmClient:
         return self._servers
 
     def ban(self, peer_id: str) -> None:
-        _, length = self._bans.get(peer_id, (0.0, self.config.ban_seconds / 2))
-        length = min(length * 2, 300.0)
-        self._bans[peer_id] = (time.monotonic() + length, length)
+        previous = self._bans.get(peer_id)
+        length = min(previous.length * 2, 300.0) if previous else self.config.ban_seconds
+        self._bans[peer_id] = _Ban(until=time.monotonic() + length, length=length, at=time.time())
         logger.warning("not using server %s for %.0f s", peer_id, length)
 
-    def banned(self) -> set[str]:
+    def _route_filter(self, servers: list[PeerRecord], min_cache_tokens: int) -> RouteFilter:
         now = time.monotonic()
-        return {peer for peer, (until, _) in self._bans.items() if until > now}
+        restarted = {s.peer_id for s in servers
+                     if s.peer_id in self._bans and s.record.started_at > self._bans[s.peer_id].at}
+        for peer_id in restarted:  # a server that came back (same peer id) since we banned it gets a new chance
+            logger.info("server %s restarted; using it again", peer_id)
+            del self._bans[peer_id]
+        banned = {peer for peer, ban in self._bans.items() if ban.until > now} | set(self.config.blocked_servers)
+        allowed = frozenset(self.config.allowed_servers) if self.config.allowed_servers is not None else None
+        return RouteFilter(banned=frozenset(banned), allowed=allowed, min_cache_tokens=min_cache_tokens)
 
-    async def route(self, start: int, end: int) -> list[Hop]:
-        """A route over [start, end), waiting (bounded) for servers to cover missing blocks."""
+    async def _measure_rtts(self, servers: list[PeerRecord], route_filter: RouteFilter) -> dict[str, float]:
+        """Round-trip times of usable servers, pinging (concurrently, bounded) those not measured lately."""
+        now = time.monotonic()
+        stale = [s.peer_id for s in route_filter.usable(servers)
+                 if now - self._rtts.get(s.peer_id, (0.0, -float("inf")))[1] > self.config.rtt_refresh_period]
+
+        async def ping(peer_id: str) -> None:
+            try:
+                rtt = await asyncio.wait_for(measure_rtt(self.node, peer_id, self.config.ping_timeout),
+                                             self.config.ping_timeout * 3)
+                self._rtts[peer_id] = (rtt, time.monotonic())
+            except (ConnectionError, EOFError, OSError, asyncio.TimeoutError) as e:
+                logger.info("server %s did not answer a ping: %r", peer_id, e)
+                self.ban(peer_id)
+
+        await asyncio.gather(*(ping(peer_id) for peer_id in stale))
+        return {peer_id: rtt for peer_id, (rtt, _) in self._rtts.items()}
+
+    def rtt(self, peer_id: str) -> float | None:
+        measured = self._rtts.get(peer_id)
+        return measured[0] if measured else None
+
+    async def route(self, start: int, end: int, purpose: str = "inference", min_cache_tokens: int = 0) -> list[Hop]:
+        """A route over [start, end), waiting (bounded) for servers to cover missing blocks.
+
+        purpose="inference": the lowest-latency chain with cache room; "forward": spread by throughput."""
         deadline = time.monotonic() + self.config.missing_blocks_wait
         refresh = False
         while True:
             servers = await self.servers(refresh=refresh)
-            route = plan_route(servers, start, end, self.banned())
+            route_filter = self._route_filter(servers, min_cache_tokens)
+            if purpose == "inference":
+                rtts = await self._measure_rtts(servers, route_filter)
+                route_filter = self._route_filter(servers, min_cache_tokens)  # pings may have banned some
+                route = plan_fastest_route(servers, start, end, rtts, route_filter)
+            else:
+                route = plan_balanced_route(servers, start, end, route_filter)
             if route is not None:
                 return route
             if time.monotonic() >= deadline:
-                missing = missing_ranges(servers, start, end, self.banned())
-                raise MissingBlocksError(missing, self.config.missing_blocks_wait)
+                raise MissingBlocksError(missing_ranges(servers, start, end, route_filter),
+                                         self.config.missing_blocks_wait)
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             refresh = True
 
@@ -110,6 +150,13 @@ class SwarmClient:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+@dataclass(frozen=True)
+class _Ban:
+    until: float  # monotonic time the ban ends
+    length: float  # seconds; doubles on each further failure
+    at: float  # unix time of the ban, compared with a server's announced start time
 
 
 def _close_ref(ref: "weakref.ref[SwarmClient]") -> None:

@@ -1,7 +1,14 @@
-"""Reading a local Hugging Face-format model directory: config, identity, and only the tensors asked for."""
+"""Reading a local Hugging Face-format model directory: config, identity, and only the tensors asked for.
+
+Blocks and client parts are transformers' own modules, taken from the family's *ForCausalLM built on the meta
+device (no memory), and filled by transformers' own loader with only their tensors. That loader also applies
+transformers' checkpoint conversions (e.g. per-expert MoE tensors fused into one, legacy names), so a module
+is filled exactly as `from_pretrained` would fill it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -10,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from corolla.errors import NotAModelError
 from corolla.models.spec import FamilySpec, family_for
@@ -31,9 +38,9 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
             f"and *.safetensors files"
         )
     config = AutoConfig.from_pretrained(path)
-    family_for(config)  # fails early, with the list of supported families
-    # sdpa is what transformers picks by default for these models; pin it so every peer computes the same way.
-    config._attn_implementation = "sdpa"
+    spec = family_for(config)  # fails early, with the list of supported families
+    # Pin the attention implementation transformers picks for this family, so every peer computes the same way.
+    config._attn_implementation = spec.attn_implementation
     return config
 
 
@@ -46,14 +53,18 @@ def model_id(config: PretrainedConfig, name: str) -> str:
 
 
 def config_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The checkpoint's dtype from config.json (`dtype`, or the older `torch_dtype`); float32 when it names none."""
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype)
+        dtype = DTYPES.get(dtype.removeprefix("torch."))
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 class Checkpoint:
-    """Index of which safetensors file holds which tensor; reads only requested tensors."""
+    """Index of which safetensors file holds which tensor; reads only requested tensors.
+
+    With `model.safetensors.index.json` (a sharded save) no weight file is opened until a tensor is read, and a
+    read opens only the shards that hold the requested tensors."""
 
     def __init__(self, model_dir: str | Path):
         self.path = Path(model_dir)
@@ -71,8 +82,8 @@ class Checkpoint:
                     for name in f.keys():
                         self.file_of[name] = file
 
-    def names_with_prefix(self, prefix: str) -> list[str]:
-        return [name for name in self.file_of if name.startswith(prefix)]
+    def names_with_prefix(self, *prefixes: str) -> list[str]:
+        return [name for name in self.file_of if name.startswith(prefixes)]
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
@@ -91,31 +102,91 @@ class Checkpoint:
         return {name[len(prefix):]: tensor for name, tensor in self.read(names).items()}
 
 
-def _load_module(module: nn.Module, state: dict[str, torch.Tensor], what: str, device, dtype) -> nn.Module:
-    """Fill a module built on the meta device from a state dict; every parameter must come from the checkpoint."""
-    expected = set(module.state_dict().keys())
-    missing = sorted(expected - state.keys())
+def meta_model(spec: FamilySpec, config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The family's whole *ForCausalLM on the meta device: module structure and names, no memory."""
+    with torch.device("meta"):
+        model = spec.causal_lm_class(config)
+    return model.to(dtype=dtype).eval()
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def fill_modules(model: PreTrainedModel, paths: list[str], checkpoint: Checkpoint, device, dtype,
+                 ties: dict[str, str] | None = None) -> dict[str, nn.Module]:
+    """Fill the submodules at `paths` of a meta `model` with their tensors (and only theirs), through transformers'
+    own loader and conversion mapping; move them to device/dtype. `ties` maps a parameter the checkpoint may lack
+    to the parameter it then shares (a tied LM head)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    prefixes = tuple(path + "." for path in paths)
+    tensors = checkpoint.read(checkpoint.names_with_prefix(*prefixes))
+    load_config = LoadStateDictConfig(device_map={"": "cpu"}, weight_mapping=get_model_conversion_mapping(model))
+    with _no_progress_bars():
+        info, _ = convert_and_load_state_dict_in_model(model, tensors, load_config)
+    del tensors
+    if info.mismatched_keys:
+        name, got, want = sorted(info.mismatched_keys)[0]
+        raise NotAModelError(f"checkpoint tensor {name} has shape {tuple(got)}, the model expects {tuple(want)}")
+    ties = ties or {}
+    for target, source in ties.items():
+        if model.get_parameter(target).is_meta:
+            module_path, _, name = target.rpartition(".")
+            setattr(model.get_submodule(module_path), name, model.get_parameter(source))
+    missing = sorted(k for k in info.missing_keys if k.startswith(prefixes) and k not in ties)
     if missing:
-        raise NotAModelError(f"checkpoint lacks tensors for {what}: {', '.join(missing[:5])}")
-    module.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
-    module.to(device=device, dtype=dtype)
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        if tensor.is_meta:
-            raise NotAModelError(f"{what}: tensor {name} was not initialized from the checkpoint")
-    return module
+        raise NotAModelError(f"checkpoint {checkpoint.path} lacks tensors: {', '.join(missing[:5])}"
+                             + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+    modules = {}
+    for path in paths:
+        module = model.get_submodule(path)
+        _initialize_buffers(model, module)
+        module.to(device=device, dtype=dtype)
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if tensor.is_meta:
+                raise NotAModelError(f"{path}: tensor {name} was not initialized from the checkpoint")
+        modules[path] = module.eval().requires_grad_(False)
+    return modules
+
+
+def _initialize_buffers(model: PreTrainedModel, module: nn.Module) -> None:
+    """Non-persistent buffers (e.g. Gemma's embedding scale) are not in checkpoints: compute them with transformers'
+    own `_init_weights`, which leaves the loaded tensors alone (they carry `_is_hf_initialized`)."""
+    for submodule in module.modules():
+        meta_buffers = [name for name, buffer in submodule.named_buffers(recurse=False) if buffer.is_meta]
+        if not meta_buffers:
+            continue
+        for name in meta_buffers:
+            submodule._buffers[name] = torch.empty_like(submodule._buffers[name], device="cpu")
+        with torch.no_grad():
+            model._init_weights(submodule)
 
 
 def load_blocks(model_dir: str | Path, config: PretrainedConfig, start: int, end: int,
                 device: torch.device | str, dtype: torch.dtype) -> list[nn.Module]:
-    """Build transformers' own decoder layers [start, end) and fill them with only their tensors."""
+    """transformers' own decoder layers [start, end), filled with only their tensors."""
     spec = family_for(config)
     checkpoint = Checkpoint(model_dir)
+    model = meta_model(spec, config, dtype)
     blocks = []
-    for index in range(start, end):
-        with torch.device("meta"):
-            block = spec.block_class(config, index)
-        state = checkpoint.read_prefix(spec.block_prefix.format(index=index))
-        blocks.append(_load_module(block, state, f"block {index}", device, dtype).eval().requires_grad_(False))
+    for index in range(start, end):  # one block at a time: at most one block's tensors are in flight
+        block = fill_modules(model, [spec.block_path(index)], checkpoint, device, dtype)[spec.block_path(index)]
+        if not isinstance(block, spec.block_class):
+            raise NotAModelError(f"{spec.block_path(index)} is a {type(block).__name__}, "
+                                 f"expected {spec.block_class.__name__}")
+        blocks.append(block)
     return blocks
 
 
@@ -125,25 +196,11 @@ def make_span_helpers(spec: FamilySpec, config: PretrainedConfig, device, dtype)
 
 
 def load_client_parts(model_dir: str | Path, config: PretrainedConfig, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """The modules a client keeps (embeddings, final norm, LM head), built from transformers' own CausalLM class
-    with zero decoder layers, filled with only their tensors. LM head shares the embeddings when tied."""
+    """The modules a client keeps (embeddings, final norm, LM head, and family extras such as learned positions),
+    transformers' own, filled with only their tensors. The LM head shares the embeddings when tied."""
     spec = family_for(config)
     checkpoint = Checkpoint(model_dir)
-    shallow = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 0})
-    with torch.device("meta"):
-        skeleton = spec.causal_lm_class(shallow)
-    parts = {}
-    for path in spec.client_paths:
-        module = skeleton.get_submodule(path)
-        state = checkpoint.read_prefix(path + ".")
-        tied = path == spec.lm_head_path and getattr(config, "tie_word_embeddings", False)
-        if tied and not state:
-            parts[path] = module  # weights assigned below from the embeddings
-            continue
-        parts[path] = _load_module(module, state, path, "cpu", dtype)
-    head, embeddings = parts[spec.lm_head_path], parts[spec.embeddings_path]
-    if getattr(config, "tie_word_embeddings", False) and head.weight.is_meta:
-        head.weight = embeddings.weight
-    for module in parts.values():
-        module.requires_grad_(False)
-    return parts
+    model = meta_model(spec, config, dtype)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    ties = {f"{spec.lm_head_path}.weight": f"{spec.embeddings_path}.weight"} if tied else {}
+    return fill_modules(model, list(spec.client_paths), checkpoint, "cpu", dtype, ties=ties)

@@ -35,7 +35,9 @@ class SpanInputs:
 def embed_tokens(config: PretrainedConfig, parts: dict[str, nn.Module], spec: "FamilySpec",
                  input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                  position_ids: torch.Tensor | None) -> torch.Tensor:
-    """Default client-side input step: the token embeddings (or the caller's inputs_embeds) as they are."""
+    """Default client-side input step: the token embeddings (or the caller's inputs_embeds) as they are.
+
+    Families that scale their embeddings (Gemma) do it inside transformers' own embedding module."""
     return parts[spec.embeddings_path](input_ids) if inputs_embeds is None else inputs_embeds
 
 
@@ -45,14 +47,26 @@ def lm_head_logits(config: PretrainedConfig, parts: dict[str, nn.Module], spec: 
     return parts[spec.lm_head_path](parts[spec.final_norm_path](hidden))
 
 
-def dynamic_cache(config: PretrainedConfig) -> Cache:
+def full_history_cache(config: PretrainedConfig) -> Cache:
+    """A session cache that keeps every token of every layer (transformers' DynamicCache with full layers).
+
+    Sliding-window layers see only their window through the mask, not through a truncated cache, so a session can
+    be rolled back or replayed to any position (transformers' sliding cache layers refuse to roll back past their
+    window). The server's token budget already reserves full-length caches per session."""
     from transformers.cache_utils import DynamicCache
 
-    return DynamicCache(config=config)
+    return DynamicCache()
 
+
+# Kept for callers of the first version of this module.
+dynamic_cache = full_history_cache
 
 # Runs blocks[first:...] on SpanInputs: (config, helpers built once per span, the blocks, first block index, inputs).
 SpanRunner = Callable[[PretrainedConfig, dict[str, nn.Module], list[nn.Module], int, SpanInputs], torch.Tensor]
+
+
+def no_helpers(config: PretrainedConfig) -> dict[str, nn.Module]:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -60,24 +74,32 @@ class FamilySpec:
     """One model family, described by data; the decoder layers are transformers' own classes."""
 
     model_types: tuple[str, ...]  # config.model_type values this spec serves
-    causal_lm_class: type  # transformers' *ForCausalLM class (client-side parts are built from it)
-    block_class: type  # transformers' decoder layer class, built as block_class(config, layer_idx)
-    run_span: SpanRunner  # how a span of blocks is run (masks, positions, cache)
-    make_span_helpers: Callable[[PretrainedConfig], dict[str, nn.Module]]  # e.g. the rotary embedding
-    block_prefix: str = "model.layers.{index}."  # checkpoint name prefix of block `index`
+    causal_lm_class: type  # transformers' *ForCausalLM class (blocks and client parts are taken from it)
+    block_class: type  # transformers' decoder layer class (the modules at block_prefix are of this class)
+    run_span: SpanRunner  # how a span of blocks is run (masks, positions, ALiBi, cache)
+    make_span_helpers: Callable[[PretrainedConfig], dict[str, nn.Module]] = no_helpers  # e.g. the rotary embedding
+    block_prefix: str = "model.layers.{index}."  # module path (and checkpoint name prefix) of block `index`
     embeddings_path: str = "model.embed_tokens"  # module path of the input embeddings in causal_lm_class
     final_norm_path: str = "model.norm"  # module path of the final norm
     lm_head_path: str = "lm_head"  # module path of the LM head
+    # Further client-side modules (learned positions, the embedding LayerNorm of BLOOM, ...).
+    extra_client_paths: tuple[str, ...] = ()
     # Client side: inputs -> hidden entering block 0 (embeddings, learned positions, scaling, ...).
     embed: Callable[..., torch.Tensor] = embed_tokens
     # Client side: hidden leaving the last block -> logits (final norm, LM head, soft-capping, ...).
     head: Callable[..., torch.Tensor] = lm_head_logits
     # Server side: a new, empty attention cache for one session over this model.
-    make_cache: Callable[[PretrainedConfig], Cache] = dynamic_cache
+    make_cache: Callable[[PretrainedConfig], Cache] = full_history_cache
+    # The attention implementation every peer uses: what transformers picks by default for this family
+    # ("sdpa" where supported; "eager" where sdpa would be wrong, e.g. logit soft-capping or ALiBi added to scores).
+    attn_implementation: str = "sdpa"
 
     @property
     def client_paths(self) -> tuple[str, ...]:
-        return (self.embeddings_path, self.final_norm_path, self.lm_head_path)
+        return (self.embeddings_path, *self.extra_client_paths, self.final_norm_path, self.lm_head_path)
+
+    def block_path(self, index: int) -> str:
+        return self.block_prefix.format(index=index).rstrip(".")
 
 
 _REGISTRY: dict[str, FamilySpec] = {}
@@ -106,4 +128,4 @@ def family_for(config: PretrainedConfig) -> FamilySpec:
 
 def _load_families() -> None:
     # Importing the family modules registers them; kept lazy so importing this module stays cheap.
-    from corolla.models import llama  # noqa: F401
+    from corolla.models import bloom, falcon, gemma, gpt2, llama, mistral, phi3, qwen  # noqa: F401

@@ -23,7 +23,7 @@ class Pong(Message):
     nonce: int
 
 
-async def serve_ping(node: Node, max_pings: int = 16) -> None:
+async def serve_ping(node: Node, max_pings: int = 16, reply_delay: float = 0.0) -> None:
     async def handle(stream: MessageStream) -> None:
         for _ in range(max_pings):
             try:
@@ -32,6 +32,8 @@ async def serve_ping(node: Node, max_pings: int = 16) -> None:
                 return
             if not isinstance(message, Ping):
                 return
+            if reply_delay > 0:  # testing only: emulates a slow link
+                await asyncio.sleep(reply_delay)
             await stream.send(Pong(nonce=message.nonce))
 
     await node.serve(PING_PROTOCOL, handle)

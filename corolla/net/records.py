@@ -27,6 +27,7 @@ class ServerRecord(BaseModel):
     cache_tokens_left: int = Field(default=0, ge=0, description="attention-cache room, in tokens")
     version: str = Field(default="", description="corolla version of the server")
     public_name: str = Field(default="", max_length=100, description="optional human-readable server name")
+    started_at: float = Field(default=0.0, description="unix time the server process started (restarts change it)")
 
 
 def block_key(model_id: str, block: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ class Limits:
     max_step_tokens: int
     session_idle_timeout: float
     open_timeout: float = 30.0
+    reply_delay: float = 0.0  # seconds; testing only (emulates a slow link)
+    fail_file: str | None = None  # testing only: while this file exists, steps fail
 
 
 def _check_blocks(backend: BlockBackend, start: int, end: int) -> None:
@@ -173,6 +176,8 @@ class Handlers:
                 continue
             session.rewind(message.start)
             try:
+                if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
+                    raise RuntimeError("failure injected for testing (--debug-fail-file)")
                 output = await self.backend.run(session.start_block, session.end_block, inputs)
             except Exception as e:
                 logger.exception("step failed in session %s", session.session_id)
@@ -180,6 +185,7 @@ class Handlers:
                 await _reply_error(stream, e, kind="internal")
                 return
             session.length = message.start + inputs.hidden.shape[1]
+            await self._delay()
             await stream.send(StepResult(step_id=message.step_id, hidden=WireTensor.from_torch(output)))
 
     async def forward(self, stream: MessageStream) -> None:
@@ -200,7 +206,12 @@ class Handlers:
             logger.exception("forward failed")
             await _reply_error(stream, e, kind="internal")
             return
+        await self._delay()
         await stream.send(ForwardResult(hidden=WireTensor.from_torch(output)))
+
+    async def _delay(self) -> None:
+        if self.limits.reply_delay > 0:
+            await asyncio.sleep(self.limits.reply_delay)
 
 
 async def _reply_error(stream: MessageStream, error: Exception, kind: str | None = None) -> None:

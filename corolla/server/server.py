@@ -54,6 +54,7 @@ class Server:
         if config.blocks is None and config.num_blocks is None:
             raise CorollaError("give --blocks START:END or --num-blocks N")
         self.stop = asyncio.Event()
+        self.started_at = time.time()
 
     async def _choose_blocks(self, node: Node) -> tuple[int, int]:
         if self.config.blocks is not None:
@@ -65,7 +66,7 @@ class Server:
         return ServerRecord(state=state, start_block=self.start, end_block=self.end, throughput=throughput,
                             dtype=str(self.dtype).removeprefix("torch."), quant="none",
                             cache_tokens_left=budget.left if budget else 0, version=corolla.__version__,
-                            public_name=self.config.public_name)
+                            public_name=self.config.public_name, started_at=self.started_at)
 
     async def _announce(self, node: Node, record: ServerRecord, ttl: float) -> None:
         expiration = time.time() + ttl
@@ -98,11 +99,12 @@ class Server:
             budget = CacheBudget(self.config.cache_tokens)
             limits = Limits(max_session_length=self.config.max_session_length,
                             max_batch_size=self.config.max_batch_size, max_step_tokens=self.config.max_step_tokens,
-                            session_idle_timeout=self.config.session_idle_timeout)
+                            session_idle_timeout=self.config.session_idle_timeout,
+                            reply_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file)
             handlers = Handlers(backend, self.model_id, budget, limits)
             await node.serve(INFERENCE_PROTOCOL, handlers.inference)
             await node.serve(FORWARD_PROTOCOL, handlers.forward)
-            await serve_ping(node)
+            await serve_ping(node, reply_delay=limits.reply_delay)
             await self._announce(node, self._record(ServerState.ONLINE, throughput, budget), ttl)
             print(f"ready: serving blocks {self.start}:{self.end} of {self.model_id} as {node.peer_id}", flush=True)
             while not self.stop.is_set():

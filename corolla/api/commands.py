@@ -1,0 +1,163 @@
+"""`corolla api | chat | health`, and the API options of `corolla demo` (`--serve`, `--api-port`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from corolla.cli import _add_dataclass_args, _from_args
+
+
+def _network_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
+                        help="multiaddrs of peers already in the swarm (e.g. what `corolla dht` prints)")
+
+
+def _network(args: argparse.Namespace):
+    from corolla.net.node import NetworkConfig
+
+    return NetworkConfig(initial_peers=tuple(args.initial_peers))
+
+
+def _client_group(parser: argparse.ArgumentParser) -> None:
+    from corolla.client.config import ClientConfig
+
+    _add_dataclass_args(parser.add_argument_group("client (waits are in seconds)"), ClientConfig)
+
+
+def _wait_for_signal() -> None:
+    """Block the main thread until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    from corolla.api.app import ApiServer, create_app
+    from corolla.api.config import ApiConfig
+    from corolla.api.served import ServedModel, load_model
+    from corolla.client.config import ClientConfig
+
+    config = _from_args(ApiConfig, args)
+    print(f"Joining the swarm and loading the client parts of {config.model} ...", flush=True)
+    model, tokenizer, name = load_model(config, _network(args), _from_args(ClientConfig, args))
+    served = ServedModel.create(model, tokenizer, name, config)
+    try:
+        server = ApiServer(create_app(served, config.state_refresh), config.host, config.port, access_log=True)
+        url = server.start()
+        try:
+            print(f"API ready: {url}/v1 (model {name!r}); chat page: {url}/ ; swarm map: {url}/swarm ; "
+                  f"Ctrl-C to stop", flush=True)
+            _wait_for_signal()
+            print("Stopping the API ...", flush=True)
+        finally:
+            server.stop()
+    finally:
+        served.close()
+        model.close()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from corolla.api.chat import ChatOptions, run_chat
+    from corolla.api.config import ApiConfig
+    from corolla.api.served import ServedModel, load_model
+
+    config = ApiConfig(model=args.model, model_name=args.model_name, dtype=args.dtype)
+    model, tokenizer, name = load_model(config, _network(args))
+    served = ServedModel.create(model, tokenizer, name, config)
+    try:
+        run_chat(served, _from_args(ChatOptions, args))
+    finally:
+        served.close()
+        model.close()
+
+
+def cmd_health(args: argparse.Namespace) -> None:
+    from corolla.api.health import HealthTarget, read_state, watch
+    from corolla.api.terminal import render_state
+    from corolla.errors import CorollaError
+    from corolla.models.checkpoint import load_config, model_id
+
+    if args.model_id:
+        if not args.num_blocks:
+            raise CorollaError("--model-id needs --num-blocks (the model's number of transformer blocks)")
+        target = HealthTarget(args.model_name or args.model_id, args.model_id, args.num_blocks)
+    else:
+        if args.model is None:
+            from corolla.models.embedded import ensure_embedded_model
+
+            model_dir = ensure_embedded_model()
+        else:
+            model_dir = Path(args.model)
+        config = load_config(model_dir)
+        name = args.model_name or model_dir.resolve().name
+        target = HealthTarget(name, model_id(config, name), config.num_hidden_layers)
+    if args.watch:
+        try:
+            asyncio.run(watch(_network(args), target, args.rtt_timeout, args.watch))
+        except KeyboardInterrupt:
+            pass
+        return
+    state = asyncio.run(read_state(_network(args), target, args.rtt_timeout))
+    print(state.model_dump_json(indent=2) if args.json else render_state(state), flush=True)
+    if not state.complete:
+        sys.exit(1)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from corolla.demo import run_demo
+
+    run_demo(model=args.model, prompt=args.prompt, servers=args.servers, max_new_tokens=args.max_new_tokens,
+             workdir=args.workdir, serve=args.serve, api_port=args.api_port)
+
+
+def add_commands(commands) -> None:
+    from corolla.api.chat import ChatOptions
+    from corolla.api.config import ApiConfig
+
+    api = commands.add_parser("api", help="serve a swarm's model over an OpenAI-compatible HTTP API, with a web "
+                                          "chat and a swarm map")
+    _add_dataclass_args(api, ApiConfig)
+    _network_args(api)
+    _client_group(api)
+    api.set_defaults(run=cmd_api)
+
+    chat = commands.add_parser("chat", help="chat with a swarm's model in the terminal (streaming)")
+    chat.add_argument("model", help="local model directory (config, tokenizer, embeddings and head)")
+    chat.add_argument("--model-name", default=None, help="the model's name in the DHT (default: the directory name)")
+    chat.add_argument("--dtype", default=None, help="client dtype: float32, float16 or bfloat16")
+    _add_dataclass_args(chat, ChatOptions)
+    _network_args(chat)
+    chat.set_defaults(run=cmd_chat)
+
+    health = commands.add_parser("health", help="print the swarm map of a model: which server holds which "
+                                                "blocks, state, speed, cache, round-trip time (exit 1 if blocks "
+                                                "are not served)")
+    health.add_argument("model", nargs="?", default=None,
+                        help="local model directory (default: the embedded SmolLM2-135M-Instruct)")
+    health.add_argument("--model-name", default=None, help="the model's name in the DHT (default: the directory "
+                                                           "name)")
+    health.add_argument("--model-id", default=None, help="the model's DHT id (name-hash), instead of a directory")
+    health.add_argument("--num-blocks", type=int, default=None, help="the model's block count (with --model-id)")
+    health.add_argument("--json", action="store_true", help="print the map as JSON (as GET /api/v1/state)")
+    health.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                        help="redraw the map every SECONDS until Ctrl-C")
+    health.add_argument("--rtt-timeout", type=float, default=2.0, help="seconds to wait for a ping (default: 2.0)")
+    _network_args(health)
+    health.set_defaults(run=cmd_health)
+
+    demo = commands.choices.get("demo")
+    if demo is not None:  # defined in corolla/cli.py; the API part of the demo lives here
+        demo.add_argument("--serve", action="store_true",
+                          help="after the answer, keep the swarm and the API up until Ctrl-C")
+        demo.add_argument("--api-port", type=int, default=0, help="HTTP port of the API (default: any free port)")
+        demo.set_defaults(run=cmd_demo)

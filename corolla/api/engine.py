@@ -1,0 +1,187 @@
+"""Runs generation jobs on a swarm-served model and streams what they produce.
+
+Each job runs in a worker thread of its own (the client model keeps one inference session per thread), so
+requests are served concurrently: their steps interleave on the swarm. A job is one prompt sampled `n` times as
+one batch of n rows in one inference session. Workers report through `emit` callbacks; two thin consumers turn
+those into an async iterator (the HTTP API) or a blocking one (the terminal chat). Every wait is bounded by
+`token_timeout`, and closing a consumer early cancels its jobs at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from corolla.api.detokenize import ChoiceText, FinishReason
+from corolla.api.errors import GenerationTimeout
+from corolla.api.sampling import SamplingParams, next_tokens
+from corolla.client.model import DistributedModelForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    prompt_ids: tuple[int, ...]  # the tokenized prompt (chat template already applied)
+    max_new_tokens: int  # most tokens per choice
+    n: int  # choices sampled from this prompt
+    sampling: SamplingParams
+    stops: tuple[str, ...] = ()  # stop sequences (not included in the text)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    index: int  # choice index over all jobs of a request
+    text: str
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    index: int
+    finish_reason: FinishReason
+    completion_tokens: int  # tokens generated for this choice (EOS included)
+
+
+Event = TextDelta | ChoiceEnd
+
+
+@dataclass(frozen=True)
+class _JobFailed:
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class _JobDone:
+    pass
+
+
+class Engine:
+    """A model served by the swarm + its tokenizer, running generation jobs in worker threads."""
+
+    def __init__(self, model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBase,
+                 max_concurrent: int = 8, token_timeout: float = 120.0):
+        self.model, self.tokenizer, self.token_timeout = model, tokenizer, token_timeout
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="corolla-generate")
+
+    def close(self) -> None:
+        """Stop taking jobs (running ones end at their next token once their consumer is closed)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- consumers --------------------------------------------------------------------------------------------
+
+    async def stream(self, jobs: list[GenerationJob]) -> AsyncIterator[Event]:
+        """Events of all jobs as they come; raises the first job's error. Closing it early cancels the jobs."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                pass
+
+        cancelled = self._start(jobs, emit)
+        try:
+            for _ in range(len(jobs)):
+                while True:
+                    try:
+                        event = await asyncio.wait_for(events.get(), self.token_timeout)
+                    except TimeoutError:
+                        raise self._timeout() from None
+                    if isinstance(event, _JobDone):
+                        break
+                    if isinstance(event, _JobFailed):
+                        raise event.error
+                    yield event
+        finally:
+            cancelled.set()
+
+    def stream_sync(self, jobs: list[GenerationJob]) -> Iterator[Event]:
+        """Like `stream`, for synchronous callers (a KeyboardInterrupt while waiting cancels the jobs)."""
+        events: queue.Queue = queue.Queue()
+        cancelled = self._start(jobs, events.put)
+        try:
+            for _ in range(len(jobs)):
+                while True:
+                    try:
+                        event = events.get(timeout=self.token_timeout)
+                    except queue.Empty:
+                        raise self._timeout() from None
+                    if isinstance(event, _JobDone):
+                        break
+                    if isinstance(event, _JobFailed):
+                        raise event.error
+                    yield event
+        finally:
+            cancelled.set()
+
+    def _timeout(self) -> GenerationTimeout:
+        return GenerationTimeout(f"no token within {self.token_timeout:.0f} s (the API's token_timeout): the swarm "
+                                 f"is overloaded or a server hangs")
+
+    # ---- workers ----------------------------------------------------------------------------------------------
+
+    def _start(self, jobs: list[GenerationJob], emit: Callable[[object], None]) -> threading.Event:
+        cancelled = threading.Event()
+        offset = 0
+        for job in jobs:
+            self._pool.submit(self._run_guarded, job, offset, emit, cancelled)
+            offset += job.n
+        return cancelled
+
+    def _run_guarded(self, job: GenerationJob, offset: int, emit, cancelled: threading.Event) -> None:
+        try:
+            if not cancelled.is_set():
+                self._run(job, offset, emit, cancelled)
+        except BaseException as error:  # reported to the consumer, which raises it in its own context
+            emit(_JobFailed(error))
+        finally:
+            emit(_JobDone())
+
+    def _run(self, job: GenerationJob, offset: int, emit, cancelled: threading.Event) -> None:
+        choices = [ChoiceText(self.tokenizer, job.stops, self.eos_ids) for _ in range(job.n)]
+        generator = job.sampling.generator()
+        max_length = len(job.prompt_ids) + job.max_new_tokens
+        with torch.no_grad(), self.model.inference_session(max_length=max_length, batch_size=job.n):
+            ids = torch.tensor([list(job.prompt_ids)] * job.n, dtype=torch.long)
+            logits = self.model(ids, logits_to_keep=1).logits[:, -1, :]
+            for step in range(job.max_new_tokens):
+                if cancelled.is_set():
+                    return
+                tokens = next_tokens(logits, job.sampling, generator)
+                last = step == job.max_new_tokens - 1
+                for row, (choice, token) in enumerate(zip(choices, tokens.tolist())):
+                    if choice.finish_reason is not None:
+                        continue
+                    text = choice.push(token)
+                    if choice.finish_reason is None and last:
+                        text += choice.finish("length")
+                    if text:
+                        emit(TextDelta(offset + row, text))
+                    if choice.finish_reason is not None:
+                        emit(ChoiceEnd(offset + row, choice.finish_reason, choice.num_tokens))
+                if all(choice.finish_reason is not None for choice in choices):
+                    return
+                logits = self.model(tokens.unsqueeze(1)).logits[:, -1, :]
+
+
+def _eos_ids(model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Tokens that end a choice: the generation config's EOS (one or several) and the tokenizer's."""
+    ids: set[int] = set()
+    configured = model.generation_config.eos_token_id
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,92 @@
+"""The span runner shared by every rotary-position decoder family (Llama, Mistral, Qwen, Phi-3, Gemma, MoE ones).
+
+Their decoder layers take the same keywords in transformers 5.24:
+`layer(hidden, attention_mask=..., position_ids=..., cache=..., use_cache=..., position_embeddings=(cos, sin))`
+and return a Tensor. What differs between them is data: which layers use a sliding window (transformers'
+own per-layer types, from `config.layer_types` or `config.sliding_window`) and whether the rotary embedding
+depends on the layer type (Gemma 3: local and global rope bases).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from corolla.errors import UnsupportedModelError
+from corolla.models.spec import SpanInputs, SpanRunner
+
+# transformers' mask builder for each attention layer type (as its *Model.forward maps them).
+MASK_BUILDERS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+
+def layer_types(config: PretrainedConfig) -> list[str]:
+    """Attention type of every layer, decided the way transformers decides it for its caches: `config.layer_types`
+    if present, else every layer is sliding when `config.sliding_window` is set, else full."""
+    types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    unknown = sorted(set(types) - MASK_BUILDERS.keys())
+    if unknown:
+        raise UnsupportedModelError(f"layer types {unknown} of model_type {config.model_type!r} are not supported "
+                                    f"(supported: {', '.join(MASK_BUILDERS)})")
+    return list(types)
+
+
+def span_masks(config: PretrainedConfig, inputs: SpanInputs, first_block: int, types: list[str]) -> dict:
+    """One attention mask per layer type present in the span, sized from the cache layer of the span's first block
+    of that type (cache layers before the span stay empty on this server)."""
+    masks = {}
+    for offset, layer_type in enumerate(types):
+        if layer_type not in masks:
+            masks[layer_type] = MASK_BUILDERS[layer_type](
+                config=config,
+                inputs_embeds=inputs.hidden,
+                attention_mask=inputs.attention_mask,
+                cache=inputs.cache,
+                position_ids=inputs.position_ids,
+                layer_idx=first_block + offset,
+            )
+    return masks
+
+
+def rotary_span_runner(rotary_per_layer_type: bool = False) -> SpanRunner:
+    """A runner for consecutive rotary decoder layers, run the way transformers' *Model.forward runs them."""
+
+    def run_rotary_span(config: PretrainedConfig, helpers: dict[str, nn.Module], blocks: list[nn.Module],
+                        first_block: int, inputs: SpanInputs):
+        hidden = inputs.hidden
+        types = layer_types(config)[first_block:first_block + len(blocks)]
+        masks = span_masks(config, inputs, first_block, types)
+        rotary = helpers["rotary"]
+        if rotary_per_layer_type:
+            position_embeddings = {t: rotary(hidden, inputs.position_ids, t) for t in set(types)}
+        else:
+            shared = rotary(hidden, inputs.position_ids)
+            position_embeddings = {t: shared for t in set(types)}
+        for block, layer_type in zip(blocks, types):
+            hidden = block(
+                hidden,
+                attention_mask=masks[layer_type],
+                position_ids=inputs.position_ids,
+                cache=inputs.cache,
+                use_cache=inputs.cache is not None,
+                position_embeddings=position_embeddings[layer_type],
+            )
+        return hidden
+
+    return run_rotary_span
+
+
+def rotary_helpers(rotary_class: type) -> Callable[[PretrainedConfig], dict[str, nn.Module]]:
+    """Span helpers of a rotary family: its rotary embedding module (buffers computed from the config)."""
+
+    def make(config: PretrainedConfig) -> dict[str, nn.Module]:
+        layer_types(config)  # fails at load time, not at the first step, on layer types we cannot run
+        return {"rotary": rotary_class(config=config)}
+
+    return make
