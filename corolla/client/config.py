@@ -16,5 +16,6 @@ class ClientConfig:
     refresh_period: float = 5.0  # seconds a fetched list of servers is reused
     ping_timeout: float = 2.0  # seconds to wait for a ping answer; a server that does not answer is skipped
     rtt_refresh_period: float = 30.0  # seconds a measured round-trip time is reused
+    use_push: bool = True  # servers pass activations straight to the next server (one client round trip a token)
     allowed_servers: tuple[str, ...] | None = None  # peer ids the client may use (None = any)
     blocked_servers: tuple[str, ...] = ()  # peer ids the client must not use

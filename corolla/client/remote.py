@@ -13,7 +13,7 @@ from corolla.client.routing import Hop
 from corolla.client.swarm import SwarmClient
 from corolla.errors import CorollaError, MissingBlocksError, RemoteError
 from corolla.net.messages import (FORWARD_PROTOCOL, INFERENCE_PROTOCOL, CloseSession, ErrorReply, ForwardRequest,
-                                  ForwardResult, OpenSession, SessionOpened, Step, StepResult)
+                                  ForwardResult, OpenSession, PushTarget, SessionOpened, Step, StepResult)
 from corolla.net.node import MessageStream
 from corolla.net.wire import WireTensor
 
@@ -117,11 +117,24 @@ class _HopSession:
     history: torch.Tensor | None = None  # inputs to block hop.start for positions [0, cached length)
     needs_replay: bool = False  # a fresh server: must first receive the whole history
     stream: MessageStream | None = None
+    session_id: str | None = None  # the server's secret token for this session (lets servers push to it)
 
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
+
+
+@dataclass
+class _Progress:
+    index: int  # next hop to run
+    x: torch.Tensor  # its input, for the new tokens
+
+    contacting: int = 0  # the hop being talked to (ahead of `index` while a push chain is opened)
+
+    def advance(self, output: torch.Tensor) -> None:
+        self.index, self.x = self.index + 1, output
+        self.contacting = self.index
 
 
 @dataclass
@@ -186,29 +199,60 @@ class InferenceSession:
         if not self._hops:
             route = await self.swarm.route(0, self.swarm.num_blocks, min_cache_tokens=self._cache_tokens)
             self._hops = [_HopSession(hop) for hop in route]
+        self._step_ids += 1
         attempts = _Attempts(self.swarm, self.failed_servers)
-        x = hidden  # input to hop `index` for the new tokens
+        progress = _Progress(index=0, x=hidden)  # hop to run next, and its input for the new tokens
         replay: torch.Tensor | None = None  # full-history input to hop `index`, while re-routed hops catch up
-        index = 0
-        while index < len(self._hops):
-            hop_session = self._hops[index]
+        while progress.index < len(self._hops):
+            hop_session = self._hops[progress.index]
             try:
-                if hop_session.needs_replay:
-                    full = replay if replay is not None else self._with_history(hop_session, x, inputs.start)
-                    replay = await self._call(hop_session, full, 0, inputs.positions, inputs.attention_mask)
+                if self._can_push(progress.index):
+                    await self._run_pushed(progress, inputs)
+                elif hop_session.needs_replay:
+                    full = replay if replay is not None else self._with_history(hop_session, progress.x, inputs.start)
+                    await self._ensure_open(hop_session)
+                    await self._send_step(hop_session, full, 0, inputs.positions, inputs.attention_mask)
+                    replay = await self._receive(hop_session, full)
                     hop_session.history, hop_session.needs_replay = full, False
-                    x = replay[:, inputs.start:]
+                    progress.advance(replay[:, inputs.start:])
                 else:
-                    new_positions = inputs.positions[:, inputs.start:]
-                    output = await self._call(hop_session, x, inputs.start, new_positions, inputs.attention_mask)
-                    hop_session.history = self._with_history(hop_session, x, inputs.start)
-                    x = output
-                index += 1
+                    await self._ensure_open(hop_session)
+                    await self._send_step(hop_session, progress.x, inputs.start, inputs.positions[:, inputs.start:],
+                                          inputs.attention_mask)
+                    output = await self._receive(hop_session, progress.x)
+                    hop_session.history = self._with_history(hop_session, progress.x, inputs.start)
+                    progress.advance(output)
             except (_RetryableRemoteError, *_RECOVERABLE) as e:
-                attempts.failed(hop_session.hop, e)
-                await _no_replacement_names(hop_session.hop, e, self._reroute(index))
-        return x
+                # The hop that failed: the one being run, or one further down a push chain being opened (then the
+                # hops before it have not run this step yet, and still will, from progress.index).
+                failed_index = progress.contacting
+                failed = self._hops[failed_index]
+                attempts.failed(failed.hop, e)
+                await _no_replacement_names(failed.hop, e, self._reroute(failed_index))
+                progress.contacting = progress.index
+        return progress.x
 
+    def _can_push(self, index: int) -> bool:
+        rest = self._hops[index:]
+        return self.swarm.config.use_push and len(rest) > 1 and not any(h.needs_replay for h in rest)
+
+    async def _run_pushed(self, progress: "_Progress", inputs: _StepInputs) -> None:
+        """Send the step to hop `index` naming the rest of the chain; each server pushes its output to the next and
+        also returns it here (the history needed for recovery). Falls back to direct sends where a push failed."""
+        chain = self._hops[progress.index:]
+        for offset, hop_session in enumerate(chain):
+            progress.contacting = progress.index + offset
+            await self._ensure_open(hop_session)
+        progress.contacting = progress.index
+        targets = [PushTarget(peer_id=h.hop.peer_id, session_id=h.session_id) for h in chain[1:]]
+        await self._send_step(chain[0], progress.x, inputs.start, inputs.positions[:, inputs.start:],
+                              inputs.attention_mask, push_to=targets)
+        for hop_session in chain:
+            reply_pushed, output = await self._receive(hop_session, progress.x, want_pushed=True)
+            hop_session.history = self._with_history(hop_session, progress.x, inputs.start)
+            progress.advance(output)
+            if not reply_pushed:
+                return  # the next server did not get it: the caller continues hop by hop from here
     @staticmethod
     def _with_history(hop_session: _HopSession, x: torch.Tensor, start: int) -> torch.Tensor:
         if hop_session.history is None or start == 0:
@@ -227,30 +271,45 @@ class InferenceSession:
         logger.info("re-routed blocks %d:%d via %s", failed.hop.start, self.swarm.num_blocks,
                     ", ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in new_route))
 
-    async def _call(self, hop_session: _HopSession, hidden: torch.Tensor, start: int, position_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> torch.Tensor:
-        hop, timeout = hop_session.hop, self.swarm.config.step_timeout
-        if hop_session.stream is None:
-            stream = await self.swarm.connect(hop.peer_id, INFERENCE_PROTOCOL)
-            try:
-                await stream.send(OpenSession(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
-                                              max_length=self.max_length, batch_size=self.batch_size))
-                _check_reply(await stream.recv(timeout), SessionOpened, hop)
-            except BaseException:
-                stream.close()
-                raise
-            hop_session.stream = stream
-        self._step_ids += 1
+    async def _ensure_open(self, hop_session: _HopSession) -> None:
+        if hop_session.stream is not None:
+            return
+        hop = hop_session.hop
+        stream = await self.swarm.connect(hop.peer_id, INFERENCE_PROTOCOL)
+        try:
+            await stream.send(OpenSession(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
+                                          max_length=self.max_length, batch_size=self.batch_size))
+            opened = _check_reply(await stream.recv(self.swarm.config.step_timeout), SessionOpened, hop)
+        except BaseException:
+            stream.close()
+            raise
+        hop_session.stream, hop_session.session_id = stream, opened.session_id
+
+    async def _send_step(self, hop_session: _HopSession, hidden: torch.Tensor, start: int,
+                         position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         push_to: list[PushTarget] = ()) -> None:
         try:
             await hop_session.stream.send(Step(step_id=self._step_ids, start=start,
                                                hidden=WireTensor.from_torch(hidden),
                                                position_ids=WireTensor.from_torch(position_ids),
-                                               attention_mask=_optional(attention_mask)))
-            reply = _check_reply(await hop_session.stream.recv(timeout), StepResult, hop)
+                                               attention_mask=_optional(attention_mask), push_to=list(push_to)))
         except BaseException:
             hop_session.close()  # the stream may be out of sync now; a retry opens a new one
             raise
-        return _check_output(reply.hidden.to_torch("hidden"), hidden, hop)
+
+    async def _receive(self, hop_session: _HopSession, sent: torch.Tensor, want_pushed: bool = False):
+        """This step's result from `hop_session`, skipping results of earlier steps (duplicates after a push)."""
+        try:
+            while True:
+                reply = _check_reply(await hop_session.stream.recv(self.swarm.config.step_timeout), StepResult,
+                                     hop_session.hop)
+                if reply.step_id == self._step_ids:
+                    break
+        except BaseException:
+            hop_session.close()
+            raise
+        output = _check_output(reply.hidden.to_torch("hidden"), sent, hop_session.hop)
+        return (reply.pushed, output) if want_pushed else output
 
     def close(self) -> None:
         if self.closed:

@@ -4,17 +4,22 @@ Inference stream (INFERENCE_PROTOCOL), one per (inference session, server):
     client -> OpenSession, then any number of Step, then closes the stream (or sends CloseSession)
     server -> SessionOpened, then one StepResult per Step; ErrorReply instead of any answer on failure
 
+Server-to-server push (PUSH_PROTOCOL): a step may name the next servers of the chain (`push_to`); the server then
+sends its output straight to the next one as a PushedStep addressed to the client's session there, which runs it
+and answers the client on the client's own stream. One client round trip per token instead of one per hop.
+
 Forward (FORWARD_PROTOCOL), one stream per request: client -> ForwardRequest; server -> ForwardResult | ErrorReply.
 """
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from corolla.net.wire import Message, WireTensor, message_type
 
 INFERENCE_PROTOCOL = "corolla/inference/1"
 FORWARD_PROTOCOL = "corolla/forward/1"
+PUSH_PROTOCOL = "corolla/push/1"
 
 
 @message_type("open_session")
@@ -28,9 +33,16 @@ class OpenSession(Message):
 
 @message_type("session_opened")
 class SessionOpened(Message):
-    session_id: str = Field(description="server-chosen id, for logs")
+    session_id: str = Field(description="server-chosen secret token; whoever knows it may push steps to the session")
     start_block: int
     end_block: int
+
+
+class PushTarget(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    peer_id: str = Field(max_length=100, description="server to push to")
+    session_id: str = Field(max_length=64, description="the client's session token on that server")
 
 
 @message_type("step")
@@ -43,12 +55,21 @@ class Step(Message):
                                                                       "default start..start+new_tokens-1")
     attention_mask: WireTensor | None = Field(default=None, description="[batch, start + new_tokens] int64, "
                                                                         "0 = padding; default all ones")
+    push_to: list[PushTarget] = Field(default_factory=list, max_length=64,
+                                      description="the rest of the chain: send the output to push_to[0]")
 
 
 @message_type("step_result")
 class StepResult(Message):
     step_id: int
     hidden: WireTensor = Field(description="[batch, new_tokens, hidden_size] activations leaving the last block")
+    pushed: bool = Field(default=False, description="the output was handed to the next server of push_to")
+
+
+@message_type("pushed_step")
+class PushedStep(Message):
+    session_id: str = Field(max_length=64, description="the receiving server's session token")
+    step: Step = Field(description="the step, its hidden = the pushing server's output")
 
 
 @message_type("close_session")

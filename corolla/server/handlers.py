@@ -14,9 +14,9 @@ import torch
 
 from corolla.errors import BadRequestError, CacheFullError
 from corolla.models.spec import SpanInputs
-from corolla.net.messages import (CloseSession, ErrorReply, ForwardRequest, ForwardResult, OpenSession,
-                                  SessionOpened, Step, StepResult)
-from corolla.net.node import MessageStream
+from corolla.net.messages import (PUSH_PROTOCOL, CloseSession, ErrorReply, ForwardRequest, ForwardResult,
+                                  OpenSession, PushedStep, SessionOpened, Step, StepResult)
+from corolla.net.node import MessageStream, Node
 from corolla.net.wire import WireTensor
 from corolla.server.backend import BlockBackend
 from corolla.server.sessions import CacheBudget, Session
@@ -99,8 +99,8 @@ def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits
 
 
 class Handlers:
-    def __init__(self, backend: BlockBackend, model_id: str, budget: CacheBudget, limits: Limits):
-        self.backend, self.model_id, self.budget, self.limits = backend, model_id, budget, limits
+    def __init__(self, backend: BlockBackend, model_id: str, budget: CacheBudget, limits: Limits, node: Node):
+        self.backend, self.model_id, self.budget, self.limits, self.node = backend, model_id, budget, limits, node
         self.sessions: dict[str, Session] = {}
 
     def _check_model(self, model_id: str) -> None:
@@ -141,8 +141,9 @@ class Handlers:
             return
         except (EOFError, ConnectionError, asyncio.TimeoutError):
             return
-        logger.info("session %s opened by %s: blocks %d:%d, max_length %d, batch %d", session.session_id,
+        logger.info("session %s opened by %s: blocks %d:%d, max_length %d, batch %d", session.name,
                     stream.peer_id, session.start_block, session.end_block, session.max_length, session.batch_size)
+        reader = asyncio.create_task(self._read_client(stream, session))
         try:
             await stream.send(SessionOpened(session_id=session.session_id, start_block=session.start_block,
                                             end_block=session.end_block))
@@ -150,24 +151,54 @@ class Handlers:
         except (EOFError, ConnectionError):
             pass
         finally:
+            reader.cancel()
             self._close(session)
-            logger.info("session %s closed (%d sessions open)", session.session_id, len(self.sessions))
+            for push_stream in session.push_streams.values():
+                push_stream.close()
+            logger.info("session %s closed (%d sessions open)", session.name, len(self.sessions))
+
+    async def _read_client(self, stream: MessageStream, session: Session) -> None:
+        """Move the client's messages into the session's inbox (which pushed steps also enter)."""
+        while True:
+            try:
+                message = await stream.recv()
+            except BadRequestError as e:  # the frame was read whole, so the stream is still in sync
+                session.inbox.put_nowait(e)
+                continue
+            except (EOFError, ConnectionError, asyncio.IncompleteReadError):
+                session.inbox.put_nowait(CloseSession())
+                return
+            if not isinstance(message, (Step, CloseSession)):
+                message = BadRequestError(f"expected step or close_session, got {message.TYPE}")
+            session.inbox.put_nowait(message)
+            if isinstance(message, CloseSession):
+                return
+
+    async def push(self, stream: MessageStream) -> None:
+        """Steps pushed by the previous server of a client's chain, addressed by the session's secret token."""
+        while True:
+            try:
+                message = await stream.recv(timeout=self.limits.session_idle_timeout)
+            except (EOFError, ConnectionError, asyncio.TimeoutError, BadRequestError):
+                return
+            session = self.sessions.get(message.session_id) if isinstance(message, PushedStep) else None
+            if session is None:
+                logger.debug("dropping a pushed step for an unknown session from %s", stream.peer_id)
+                continue
+            session.inbox.put_nowait(message.step)
 
     async def _serve_steps(self, stream: MessageStream, session: Session) -> None:
         while True:
             try:
-                message = await stream.recv(timeout=self.limits.session_idle_timeout)
+                message = await asyncio.wait_for(session.inbox.get(), self.limits.session_idle_timeout)
             except asyncio.TimeoutError:
                 await _reply_error(stream, BadRequestError(
                     f"session idle for more than {self.limits.session_idle_timeout:.0f} s; closed"))
                 return
-            except BadRequestError as e:  # the frame was read whole, so the stream is still in sync
-                await _reply_error(stream, e)
-                continue
             if isinstance(message, CloseSession):
                 return
-            if not isinstance(message, Step):
-                await _reply_error(stream, BadRequestError(f"expected step or close_session, got {message.TYPE}"))
+            if isinstance(message, BadRequestError):
+                await _reply_error(stream, message)
                 continue
             try:
                 inputs = parse_step(message, session, self.backend, self.limits)
@@ -180,13 +211,34 @@ class Handlers:
                     raise RuntimeError("failure injected for testing (--debug-fail-file)")
                 output = await self.backend.run(session.start_block, session.end_block, inputs)
             except Exception as e:
-                logger.exception("step failed in session %s", session.session_id)
+                logger.exception("step failed in session %s", session.name)
                 # The cache may hold part of this step now: end the session; the client replays elsewhere.
                 await _reply_error(stream, e, kind="internal")
                 return
             session.length = message.start + inputs.hidden.shape[1]
+            hidden = WireTensor.from_torch(output)
             await self._delay()
-            await stream.send(StepResult(step_id=message.step_id, hidden=WireTensor.from_torch(output)))
+            pushed = bool(message.push_to) and await self._push(session, message, hidden)
+            await stream.send(StepResult(step_id=message.step_id, hidden=hidden, pushed=pushed))
+
+    async def _push(self, session: Session, step: Step, hidden: WireTensor) -> bool:
+        """Hand this step's output to the next server of the chain; False if it cannot be reached."""
+        target = step.push_to[0]
+        forwarded = PushedStep(session_id=target.session_id,
+                               step=step.model_copy(update={"hidden": hidden, "push_to": step.push_to[1:]}))
+        try:
+            push_stream = session.push_streams.get(target.peer_id)
+            if push_stream is None:
+                push_stream = await self.node.connect(target.peer_id, PUSH_PROTOCOL, timeout=5.0)
+                session.push_streams[target.peer_id] = push_stream
+            await push_stream.send(forwarded)
+            return True
+        except (ConnectionError, OSError, asyncio.TimeoutError) as e:
+            logger.info("session %s: cannot push to %s: %r", session.name, target.peer_id, e)
+            stale = session.push_streams.pop(target.peer_id, None)
+            if stale is not None:
+                stale.close()
+            return False
 
     async def forward(self, stream: MessageStream) -> None:
         try:

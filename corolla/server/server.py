@@ -14,7 +14,7 @@ import corolla
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import DTYPES, config_dtype, load_blocks, load_config, make_span_helpers, model_id
 from corolla.models.spec import family_for
-from corolla.net.messages import FORWARD_PROTOCOL, INFERENCE_PROTOCOL
+from corolla.net.messages import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, PUSH_PROTOCOL
 from corolla.net.node import NetworkConfig, Node
 from corolla.net.ping import serve_ping
 from corolla.net.directory import read_servers
@@ -101,9 +101,10 @@ class Server:
                             max_batch_size=self.config.max_batch_size, max_step_tokens=self.config.max_step_tokens,
                             session_idle_timeout=self.config.session_idle_timeout,
                             reply_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file)
-            handlers = Handlers(backend, self.model_id, budget, limits)
+            handlers = Handlers(backend, self.model_id, budget, limits, node)
             await node.serve(INFERENCE_PROTOCOL, handlers.inference)
             await node.serve(FORWARD_PROTOCOL, handlers.forward)
+            await node.serve(PUSH_PROTOCOL, handlers.push)
             await serve_ping(node, reply_delay=limits.reply_delay)
             await self._announce(node, self._record(ServerState.ONLINE, throughput, budget), ttl)
             print(f"ready: serving blocks {self.start}:{self.end} of {self.model_id} as {node.peer_id}", flush=True)

@@ -6,7 +6,8 @@ drops cached tokens at positions >= start (rollback or replay), then appends its
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -37,9 +38,6 @@ class CacheBudget:
         self.used = max(0, self.used - tokens)
 
 
-_ids = itertools.count()
-
-
 @dataclass
 class Session:
     start_block: int
@@ -49,8 +47,16 @@ class Session:
     cache: Cache
     reserved_tokens: int
     length: int = 0
-    session_id: str = field(default_factory=lambda: f"s{next(_ids)}")
+    # Secret: whoever knows it (the client, and the servers it tells) may push steps into this session.
+    session_id: str = field(default_factory=lambda: secrets.token_hex(16))
     last_active: float = field(default_factory=time.monotonic)
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # steps from the client and from pushes, in order
+    push_streams: dict = field(default_factory=dict)  # next server's peer id -> open push stream
+
+    @property
+    def name(self) -> str:
+        """Short, non-secret name for logs."""
+        return self.session_id[:6]
 
     def rewind(self, start: int) -> None:
         """Drop cached tokens at positions >= start."""
