@@ -23,8 +23,8 @@ class ServerConfig:
     max_step_tokens: int = field(default=8192, metadata={"help": "most new tokens (batch x length) in one step"})
     session_idle_timeout: float = field(default=300.0, metadata={"help": "seconds a session may stay silent"})
     announce_period: float = field(default=10.0, metadata={"help": "seconds between DHT announcements"})
-    debug_delay_ms: float = field(default=0.0, metadata={"help": "testing only: delay every reply by this much, "
-                                                                 "emulating a slow link"})
+    debug_delay_ms: float = field(default=0.0, metadata={"help": "testing only: add this one-way latency to every "
+                                                                 "message received and reply sent (a slow link)"})
     debug_fail_file: str | None = field(default=None, metadata={"help": "testing only: while this file exists, "
                                                                         "every inference step fails"})
     wait_for_swarm: float = field(default=10.0, metadata={"help": "seconds to wait for the DHT when choosing blocks"})

@@ -31,7 +31,7 @@ class Limits:
     max_step_tokens: int
     session_idle_timeout: float
     open_timeout: float = 30.0
-    reply_delay: float = 0.0  # seconds; testing only (emulates a slow link)
+    link_delay: float = 0.0  # seconds; testing only: one-way latency added to every message received and reply sent
     fail_file: str | None = None  # testing only: while this file exists, steps fail
 
 
@@ -145,6 +145,8 @@ class Handlers:
                     stream.peer_id, session.start_block, session.end_block, session.max_length, session.batch_size)
         reader = asyncio.create_task(self._read_client(stream, session))
         try:
+            await self._delay()  # emulated wide-area link: the open request's way in
+            await self._delay()  # and the answer's way out
             await stream.send(SessionOpened(session_id=session.session_id, start_block=session.start_block,
                                             end_block=session.end_block))
             await self._serve_steps(stream, session)
@@ -170,6 +172,7 @@ class Handlers:
                 return
             if not isinstance(message, (Step, CloseSession)):
                 message = BadRequestError(f"expected step or close_session, got {message.TYPE}")
+            await self._delay()  # emulated wide-area link, inbound
             session.inbox.put_nowait(message)
             if isinstance(message, CloseSession):
                 return
@@ -185,6 +188,7 @@ class Handlers:
             if session is None:
                 logger.debug("dropping a pushed step for an unknown session from %s", stream.peer_id)
                 continue
+            await self._delay()  # emulated wide-area link, inbound
             session.inbox.put_nowait(message.step)
 
     async def _serve_steps(self, stream: MessageStream, session: Session) -> None:
@@ -217,8 +221,8 @@ class Handlers:
                 return
             session.length = message.start + inputs.hidden.shape[1]
             hidden = WireTensor.from_torch(output)
-            await self._delay()
             pushed = bool(message.push_to) and await self._push(session, message, hidden)
+            await self._delay()  # emulated wide-area link, outbound (after the push: it has its own link)
             await stream.send(StepResult(step_id=message.step_id, hidden=hidden, pushed=pushed))
 
     async def _push(self, session: Session, step: Step, hidden: WireTensor) -> bool:
@@ -252,6 +256,7 @@ class Handlers:
             return
         except (EOFError, ConnectionError, asyncio.TimeoutError):
             return
+        await self._delay()  # emulated wide-area link, inbound
         try:
             output = await self.backend.run(request.start_block, request.end_block, inputs)
         except Exception as e:
@@ -262,8 +267,8 @@ class Handlers:
         await stream.send(ForwardResult(hidden=WireTensor.from_torch(output)))
 
     async def _delay(self) -> None:
-        if self.limits.reply_delay > 0:
-            await asyncio.sleep(self.limits.reply_delay)
+        if self.limits.link_delay > 0:
+            await asyncio.sleep(self.limits.link_delay)
 
 
 async def _reply_error(stream: MessageStream, error: Exception, kind: str | None = None) -> None:

@@ -3,10 +3,9 @@
 The throughput model: every token passes through every block, so a block's throughput is the sum of the
 throughputs of the servers covering it, and the swarm's throughput is that of its weakest block.
 
-- A joining server takes the window that leaves the swarm's throughput highest once it is there
-  (`choose_span`).
-- A serving server moves only when moving raises the swarm's throughput by a clear relative margin, and never
-  while it alone serves one of its blocks (`should_move`).
+- A joining server takes the window where the swarm is weakest (`choose_span`).
+- A serving server moves to that window only when the blocks it would leave stay clearly (20%) stronger than
+  the ones it would add, and never while it alone serves one of its blocks (`should_move`).
 - `blocks_that_fit` says how many blocks a device can hold (the default span length).
 
 Records are parsed once into `ServedSpan`s (`served_spans`); everything else works on those, which is what
@@ -21,17 +20,13 @@ from dataclasses import dataclass, replace
 
 from corolla.net.records import PeerRecord, ServerState
 
-# A move must raise the swarm's throughput by at least this fraction. Moving costs a reload (the span is
-# unserved by this server meanwhile) and estimates are noisy, so small gains are not worth it.
+# A server moves only if the blocks it leaves stay this much stronger than those it joins. Moving costs a
+# reload and breaks the sessions it serves, and throughputs are noisy estimates, so small imbalances stay.
 DEFAULT_MOVE_MARGIN = 0.2
-import os
-RULE=os.environ.get('RULE')
 # A server announcing 0 tokens/s still covers its blocks; this keeps "covered" apart from "uncovered".
 MIN_COUNTED_THROUGHPUT = 1e-3
 # Throughput used when nothing is known (an empty swarm): any positive value gives the same choices there.
 UNKNOWN_SWARM_THROUGHPUT = 1.0
-# Windows whose outcomes differ by less than this fraction are ties: float sums in different orders differ.
-_TIE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -128,45 +123,36 @@ def coverage(servers: Iterable[PeerRecord], num_blocks: int) -> list[float]:
 
 # --- joining: where to go --------------------------------------------------------------------------------------
 
-def best_window(per_block: Sequence[float], span_length: int, own_throughput: float) -> int:
-    """Start of the window of `span_length` blocks where adding `own_throughput` leaves the swarm strongest.
+def best_window(per_block: Sequence[float], span_length: int) -> int:
+    """Start of the window of `span_length` blocks whose throughputs, sorted weakest first, are lexicographically
+    smallest (earliest on ties): it holds the weakest block, then as many of the next weakest as it can.
 
-    Ties go to the window whose blocks are weakest (compared weakest first), so a join covers as much of a
-    gap as it can and the next joiner has less to fix; then to the earliest window."""
+    Adding any positive throughput there leaves the swarm's weakest block as strong as anywhere else (so the
+    joining server's own throughput does not change the choice), and ties go to the window that covers the
+    most of a gap, so the next joiner has less to fix (docs/placement.md)."""
     num_blocks = len(per_block)
     if not 1 <= span_length <= num_blocks:
         raise ValueError(f"span_length must be in [1, {num_blocks}], got {span_length}")
-    if own_throughput < 0:
-        raise ValueError(f"own_throughput must be >= 0, got {own_throughput}")
-    before, after = _running_minima(per_block)
     starts = range(num_blocks - span_length + 1)
-    outcome = [min(before[s], after[s + span_length], min(per_block[s:s + span_length]) + own_throughput)
-               for s in starts]
-    best = max(outcome)
-    tied = [s for s in starts if outcome[s] >= best - _TIE_TOLERANCE * best]
-    return min(tied, key=lambda s: (sorted(per_block[s:s + span_length]), s))
+    window_minima = [min(per_block[s:s + span_length]) for s in starts]
+    weakest = min(window_minima)
+    candidates = [s for s in starts if window_minima[s] == weakest]  # the sort below decides only among these
+    return min(candidates, key=lambda s: (sorted(per_block[s:s + span_length]), s))
 
 
-def place_span(spans: Iterable[ServedSpan], num_blocks: int, span_length: int,
-               own_throughput: float) -> tuple[int, int]:
+def place_span(spans: Iterable[ServedSpan], num_blocks: int, span_length: int) -> tuple[int, int]:
     """`choose_span` over parsed spans: the blocks [start, end) a new server should load."""
     if span_length < 1:
         raise ValueError(f"span_length must be >= 1, got {span_length}")
     span_length = min(span_length, num_blocks)  # a server that fits more than the model serves all of it
-    start = best_window(block_throughputs(spans, num_blocks), span_length, own_throughput)
+    start = best_window(block_throughputs(spans, num_blocks), span_length)
     return start, start + span_length
 
 
-def choose_span(servers: Iterable[PeerRecord], num_blocks: int, span_length: int,
-                own_throughput: float | None = None) -> tuple[int, int]:
-    """The blocks [start, end) a joining server should load: the window where the swarm is weakest.
-
-    `own_throughput` is the joining server's tokens/s if known; by default it is the swarm's typical
-    throughput (the server measures its own only after loading)."""
-    servers = list(servers)
-    spans = served_spans(servers, num_blocks)
-    guess = typical_throughput(servers) if own_throughput is None else own_throughput
-    return place_span(spans, num_blocks, span_length, guess)
+def choose_span(servers: Iterable[PeerRecord], num_blocks: int, span_length: int) -> tuple[int, int]:
+    """The blocks [start, end) a joining server should load: the window where the swarm is weakest
+    (see `best_window`); offline servers are ignored and joining ones count."""
+    return place_span(served_spans(servers, num_blocks), num_blocks, span_length)
 
 
 # --- serving: whether to move ----------------------------------------------------------------------------------
@@ -194,17 +180,15 @@ def plan_move(spans: Sequence[ServedSpan], peer_id: str, num_blocks: int,
     if blocks_only_served_by(spans, peer_id):  # leaving would cut the pipeline while we reload
         return None
     others = block_throughputs((s for s in spans if s.peer_id != peer_id), num_blocks)
-    start = best_window(others, mine.length, mine.throughput)
+    start = best_window(others, mine.length)
     if start == mine.start:
         return None
     new = mine.moved_to(start)
+    left_behind, gained = _blocks_left_and_gained(others, mine, new)
+    if left_behind < (1 + margin) * gained:  # not clearly unbalanced: a move would gain little
+        return None
     before, after = _weakest_touched(others, mine, new)
-    # One server adds at most its own throughput, so in a big swarm the margin is taken of that.
-    if RULE == "imbalance":
-        home = min(others[mine.start:mine.end]); dip = min(others[new.start:new.end])
-        if after <= before or home < (1 + margin) * dip:
-            return None
-    elif after <= before or after - before < margin * min(before, mine.throughput):
+    if after <= before:  # the guarantee against cycles: every move strictly raises the weakest touched block
         return None
     return new.start, new.end
 
@@ -213,16 +197,18 @@ def should_move(servers: Iterable[PeerRecord], my_peer_id: str, num_blocks: int,
                 margin: float = DEFAULT_MOVE_MARGIN) -> tuple[int, int] | None:
     """The span this server should move to, or None to stay where it is.
 
-    The candidate is the window the server would choose if it were joining a swarm without itself. It moves
-    there only if that raises the weakest block among those the move touches (the old and new spans; no other
-    block changes) by a clear margin: `margin` (0.2 = 20%) of that block's throughput, or of the server's own
-    throughput when the block is stronger than one server (in a big swarm no single server can add 20% to a
-    block). Filling an uncovered block always counts. It never moves while it is the only online server of one
-    of its blocks.
+    The candidate is the window the server would choose if it were joining the swarm without itself. It moves
+    there only if
+    - it is not the only online server of any of its current blocks (never cut the pipeline, even briefly);
+    - the blocks it would leave, without it, stay at least `margin` (0.2 = 20%) stronger than the weakest
+      block it would add: a clear imbalance, not noise (an uncovered block is always one);
+    - the move raises the weakest block among those it touches (its old and new spans).
 
-    Every move strictly raises the weakest touched block and changes no other, so the swarm's per-block
-    throughputs, sorted, rise lexicographically with each move: servers that evaluate one after another
-    (each seeing the previous moves) cannot cycle, and stop after finitely many moves."""
+    The margin compares regions of the swarm, not the gain of one move, so it means the same in a swarm of
+    five servers and of five hundred, where one server can add only a few percent to any block. Each move
+    strictly raises the weakest touched block and changes no other, so the swarm's per-block throughputs,
+    sorted, rise lexicographically with every move: servers that evaluate one after another (each seeing the
+    previous moves) cannot cycle, and stop after finitely many moves."""
     spans = served_spans(servers, num_blocks)
     return plan_move(spans, my_peer_id, num_blocks, margin)
 
@@ -260,15 +246,12 @@ def _own_span(spans: Sequence[ServedSpan], peer_id: str) -> ServedSpan:
     return mine[0]
 
 
-def _running_minima(values: Sequence[float]) -> tuple[list[float], list[float]]:
-    """before[i] = min(values[:i]) and after[i] = min(values[i:]), infinite when empty."""
-    before, after = [float("inf")], [float("inf")]
-    for value in values:
-        before.append(min(before[-1], value))
-    for value in reversed(values):
-        after.append(min(after[-1], value))
-    after.reverse()
-    return before, after
+def _blocks_left_and_gained(others: Sequence[float], old: ServedSpan, new: ServedSpan) -> tuple[float, float]:
+    """The weakest block (without this server) among those a move from `old` to `new` would leave, and among
+    those it would add."""
+    left = min(others[b] for b in range(old.start, old.end) if not new.start <= b < new.end)
+    gained = min(others[b] for b in range(new.start, new.end) if not old.start <= b < old.end)
+    return left, gained
 
 
 def _weakest_touched(others: Sequence[float], old: ServedSpan, new: ServedSpan) -> tuple[float, float]:

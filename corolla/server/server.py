@@ -100,12 +100,12 @@ class Server:
             limits = Limits(max_session_length=self.config.max_session_length,
                             max_batch_size=self.config.max_batch_size, max_step_tokens=self.config.max_step_tokens,
                             session_idle_timeout=self.config.session_idle_timeout,
-                            reply_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file)
+                            link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file)
             handlers = Handlers(backend, self.model_id, budget, limits, node)
             await node.serve(INFERENCE_PROTOCOL, handlers.inference)
             await node.serve(FORWARD_PROTOCOL, handlers.forward)
             await node.serve(PUSH_PROTOCOL, handlers.push)
-            await serve_ping(node, reply_delay=limits.reply_delay)
+            await serve_ping(node, reply_delay=2 * limits.link_delay)
             await self._announce(node, self._record(ServerState.ONLINE, throughput, budget), ttl)
             print(f"ready: serving blocks {self.start}:{self.end} of {self.model_id} as {node.peer_id}", flush=True)
             while not self.stop.is_set():
