@@ -10,6 +10,7 @@ class ClientConfig:
     connect_timeout: float = 10.0  # seconds to open a stream to a server
     step_timeout: float = 60.0  # seconds a server may take to answer one step or forward
     call_timeout: float = 300.0  # seconds one step or forward may take in all, retries and waits included
+    cache_wait: float = 10.0  # seconds a server may wait for cache room for this session before answering "full"
     missing_blocks_wait: float = 30.0  # seconds to wait for servers to appear for uncovered blocks
     max_retries: int = 5  # failed attempts (over all servers) tolerated per call before giving up
     ban_seconds: float = 15.0  # a failed server is skipped this long (doubling on each further failure)

@@ -278,7 +278,8 @@ class InferenceSession:
         stream = await self.swarm.connect(hop.peer_id, INFERENCE_PROTOCOL)
         try:
             await stream.send(OpenSession(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
-                                          max_length=self.max_length, batch_size=self.batch_size))
+                                          max_length=self.max_length, batch_size=self.batch_size,
+                                          cache_wait=self.swarm.config.cache_wait))
             opened = _check_reply(await stream.recv(self.swarm.config.step_timeout), SessionOpened, hop)
         except BaseException:
             stream.close()

@@ -9,12 +9,12 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Coroutine
 
 from corolla.client.config import ClientConfig
 from corolla.client.routing import Hop, RouteFilter, missing_ranges, plan_balanced_route, plan_fastest_route
-from corolla.errors import MissingBlocksError
+from corolla.errors import CacheFullError, MissingBlocksError
 from corolla.net.directory import read_servers
 from corolla.net.node import MessageStream, NetworkConfig, Node
 from corolla.net.ping import measure_rtt
@@ -117,8 +117,13 @@ class SwarmClient:
             if route is not None:
                 return route
             if time.monotonic() >= deadline:
-                raise MissingBlocksError(missing_ranges(servers, start, end, route_filter),
-                                         self.config.missing_blocks_wait)
+                missing = missing_ranges(servers, start, end, route_filter)
+                roomless = replace(route_filter, min_cache_tokens=0)
+                if min_cache_tokens and not missing_ranges(servers, start, end, roomless):
+                    full = ", ".join(f"{a}..{b - 1}" for a, b in missing)
+                    raise CacheFullError(f"server cache full: no server of blocks {full} has room for "
+                                         f"{min_cache_tokens} more tokens (waited {self.config.missing_blocks_wait:g} s)")
+                raise MissingBlocksError(missing, self.config.missing_blocks_wait)
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             refresh = True
 

@@ -29,6 +29,8 @@ class OpenSession(Message):
     end_block: int = Field(ge=1, description="one past the last block to run")
     max_length: int = Field(ge=1, description="most tokens (prompt + generated) this session will hold")
     batch_size: int = Field(default=1, ge=1, description="sequences per step")
+    cache_wait: float = Field(default=10.0, ge=0, le=600, description="seconds a step may wait for cache room "
+                                                                       "before the server answers cache_full")
 
 
 @message_type("session_opened")

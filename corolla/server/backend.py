@@ -1,14 +1,9 @@
-"""The blocks a server holds and the one compute thread that runs them.
-
-Handlers never touch tensors on the device: they build SpanInputs and await `BlockBackend.run`, which executes on
-a single worker thread that owns the model.
-"""
+"""The blocks a server holds and how one request runs on them (called from the compute thread only:
+see scheduler.py, which owns that thread)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -20,23 +15,18 @@ from corolla.models.spec import FamilySpec, SpanInputs
 
 
 class BlockBackend:
-    """Blocks [start, end) of one model on one device, plus the compute thread."""
+    """Blocks [start, end) of one model on one device."""
 
     def __init__(self, config: PretrainedConfig, spec: FamilySpec, blocks: list[nn.Module],
                  helpers: dict[str, nn.Module], start: int, device: torch.device, dtype: torch.dtype):
         self.config, self.spec, self.blocks, self.helpers = config, spec, blocks, helpers
         self.start, self.end = start, start + len(blocks)
         self.device, self.dtype = device, dtype
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
 
     def new_cache(self) -> Cache:
         return self.spec.make_cache(self.config)
 
-    async def run(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_sync, start_block, end_block, inputs)
-
-    def _run_sync(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
+    def run_sync(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
         wire_dtype = inputs.hidden.dtype
         on_device = replace(
             inputs,
@@ -58,9 +48,6 @@ class BlockBackend:
             inputs = SpanInputs(hidden=hidden, position_ids=torch.tensor([[position]]), attention_mask=None,
                                 cache=cache)
             began = time.perf_counter()
-            self._run_sync(self.start, self.end, inputs)
+            self.run_sync(self.start, self.end, inputs)
             timings.append(time.perf_counter() - began)
         return 1.0 / max(sorted(timings[1:])[len(timings) // 2 - 1], 1e-6)
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)

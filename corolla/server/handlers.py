@@ -19,7 +19,9 @@ from corolla.net.messages import (PUSH_PROTOCOL, CloseSession, ErrorReply, Forwa
 from corolla.net.node import MessageStream, Node
 from corolla.net.wire import WireTensor
 from corolla.server.backend import BlockBackend
-from corolla.server.sessions import CacheBudget, Session
+from corolla.server.cache import CacheManager
+from corolla.server.scheduler import Scheduler
+from corolla.server.sessions import Session
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +101,10 @@ def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits
 
 
 class Handlers:
-    def __init__(self, backend: BlockBackend, model_id: str, budget: CacheBudget, limits: Limits, node: Node):
-        self.backend, self.model_id, self.budget, self.limits, self.node = backend, model_id, budget, limits, node
+    def __init__(self, backend: BlockBackend, scheduler: Scheduler, model_id: str, cache: CacheManager,
+                 limits: Limits, node: Node):
+        self.backend, self.scheduler, self.model_id, self.cache = backend, scheduler, model_id, cache
+        self.limits, self.node = limits, node
         self.sessions: dict[str, Session] = {}
 
     def _check_model(self, model_id: str) -> None:
@@ -117,18 +121,19 @@ class Handlers:
             )
         if request.batch_size > self.limits.max_batch_size:
             raise BadRequestError(f"batch_size={request.batch_size} exceeds max_batch_size={self.limits.max_batch_size}")
-        tokens = request.max_length * request.batch_size
-        self.budget.reserve(tokens)
+        if request.max_length * request.batch_size > self.cache.total_tokens:
+            raise CacheFullError(f"server cache full: a session of max_length={request.max_length} x batch "
+                                 f"{request.batch_size} could never fit this server's {self.cache.total_tokens} tokens")
         session = Session(start_block=request.start_block, end_block=request.end_block,
                           max_length=request.max_length, batch_size=request.batch_size,
-                          cache=self.backend.new_cache(), reserved_tokens=tokens)
+                          cache=self.backend.new_cache(), cache_wait=request.cache_wait)
         self.sessions[session.session_id] = session
         return session
 
-    def _close(self, session: Session) -> None:
+    async def _close(self, session: Session) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
-            self.budget.release(session.reserved_tokens)
             session.cache = None  # drop the tensors now, not when the handler frame goes away
+            await self.cache.release(session.allocation)
 
     async def inference(self, stream: MessageStream) -> None:
         try:
@@ -154,7 +159,7 @@ class Handlers:
             pass
         finally:
             reader.cancel()
-            self._close(session)
+            await self._close(session)
             for push_stream in session.push_streams.values():
                 push_stream.close()
             logger.info("session %s closed (%d sessions open)", session.name, len(self.sessions))
@@ -209,11 +214,17 @@ class Handlers:
             except BadRequestError as e:
                 await _reply_error(stream, e)
                 continue
+            try:
+                await self.cache.grow(session.allocation, (message.start + inputs.hidden.shape[1]) * session.batch_size,
+                                      timeout=session.cache_wait)
+            except CacheFullError as e:
+                await _reply_error(stream, e)
+                continue
             session.rewind(message.start)
             try:
                 if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
                     raise RuntimeError("failure injected for testing (--debug-fail-file)")
-                output = await self.backend.run(session.start_block, session.end_block, inputs)
+                output = await self.scheduler.run(session.start_block, session.end_block, inputs, inference=True)
             except Exception as e:
                 logger.exception("step failed in session %s", session.name)
                 # The cache may hold part of this step now: end the session; the client replays elsewhere.
@@ -258,7 +269,7 @@ class Handlers:
             return
         await self._delay()  # emulated wide-area link, inbound
         try:
-            output = await self.backend.run(request.start_block, request.end_block, inputs)
+            output = await self.scheduler.run(request.start_block, request.end_block, inputs, inference=False)
         except Exception as e:
             logger.exception("forward failed")
             await _reply_error(stream, e, kind="internal")

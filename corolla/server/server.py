@@ -23,7 +23,8 @@ from corolla.server.backend import BlockBackend
 from corolla.server.config import ServerConfig
 from corolla.server.handlers import Handlers, Limits
 from corolla.server.placement import choose_span
-from corolla.server.sessions import CacheBudget
+from corolla.server.cache import CacheManager
+from corolla.server.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,10 @@ class Server:
         servers = await read_servers(node, self.model_id, self.num_blocks)
         return choose_span(servers, self.num_blocks, self.config.num_blocks)
 
-    def _record(self, state: ServerState, throughput: float, budget: CacheBudget | None) -> ServerRecord:
+    def _record(self, state: ServerState, throughput: float, cache: CacheManager | None) -> ServerRecord:
         return ServerRecord(state=state, start_block=self.start, end_block=self.end, throughput=throughput,
                             dtype=str(self.dtype).removeprefix("torch."), quant="none",
-                            cache_tokens_left=budget.left if budget else 0, version=corolla.__version__,
+                            cache_tokens_left=cache.tokens_left if cache else 0, version=corolla.__version__,
                             public_name=self.config.public_name, started_at=self.started_at)
 
     async def _announce(self, node: Node, record: ServerRecord, ttl: float) -> None:
@@ -81,7 +82,7 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
         node = await Node.create(self.network)
-        backend = None
+        scheduler = None
         try:
             self.start, self.end = await self._choose_blocks(node)
             print(f"joined the swarm as {node.peer_id}; loading blocks {self.start}:{self.end} of {self.model_id} "
@@ -96,26 +97,27 @@ class Server:
             throughput = await asyncio.to_thread(backend.measure_throughput)
             logger.info("loaded %d blocks in %.1f s; %.1f tokens/s", len(blocks), time.perf_counter() - began,
                         throughput)
-            budget = CacheBudget(self.config.cache_tokens)
+            cache = CacheManager(self.config.cache_tokens)
+            scheduler = Scheduler(backend, max_batch=self.config.max_batch_size)
             limits = Limits(max_session_length=self.config.max_session_length,
                             max_batch_size=self.config.max_batch_size, max_step_tokens=self.config.max_step_tokens,
                             session_idle_timeout=self.config.session_idle_timeout,
                             link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file)
-            handlers = Handlers(backend, self.model_id, budget, limits, node)
+            handlers = Handlers(backend, scheduler, self.model_id, cache, limits, node)
             await node.serve(INFERENCE_PROTOCOL, handlers.inference)
             await node.serve(FORWARD_PROTOCOL, handlers.forward)
             await node.serve(PUSH_PROTOCOL, handlers.push)
             await serve_ping(node, reply_delay=2 * limits.link_delay)
-            await self._announce(node, self._record(ServerState.ONLINE, throughput, budget), ttl)
+            await self._announce(node, self._record(ServerState.ONLINE, throughput, cache), ttl)
             print(f"ready: serving blocks {self.start}:{self.end} of {self.model_id} as {node.peer_id}", flush=True)
             while not self.stop.is_set():
                 try:
                     await asyncio.wait_for(self.stop.wait(), self.config.announce_period)
                 except asyncio.TimeoutError:
-                    await self._announce(node, self._record(ServerState.ONLINE, throughput, budget), ttl)
+                    await self._announce(node, self._record(ServerState.ONLINE, throughput, cache), ttl)
             print("shutting down: announcing offline", flush=True)
             await asyncio.wait_for(self._announce(node, self._record(ServerState.OFFLINE, 0.0, None), ttl), 5)
         finally:
-            if backend is not None:
-                backend.shutdown()
+            if scheduler is not None:
+                scheduler.shutdown()
             await asyncio.wait_for(node.shutdown(), 10)

@@ -1,0 +1,168 @@
+"""The compute thread's loop: plan a batch, compute it, hand back the results (vLLM's engine step, small).
+
+Handlers submit work and await a future; they never touch the device. Inference steps come before forward
+requests. Single-token decode steps of different sessions over the same blocks are run as one forward
+(continuous batching: sessions of different lengths together), each session keeping its own cache:
+their caches are stacked left-padded into a temporary one, a padding mask hides the pads, and each session's
+new key/value entries are appended to its own cache afterwards. The math per session is the same as alone
+(masked positions get exactly zero attention weight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from corolla.models.spec import SpanInputs
+from corolla.server.backend import BlockBackend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Work:
+    """One request for the compute thread."""
+
+    start_block: int
+    end_block: int
+    inputs: SpanInputs
+    inference: bool  # inference steps have priority over forward requests
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+
+    @property
+    def batchable(self) -> bool:
+        """A decode step with a plain cache and no padding can share a forward with others."""
+        inputs = self.inputs
+        return (self.inference and inputs.cache is not None and inputs.hidden.shape[1] == 1
+                and inputs.attention_mask is None and _plain_layers(inputs.cache, self.start_block, self.end_block))
+
+
+def _group(work: Work) -> tuple:
+    return work.start_block, work.end_block, work.inputs.hidden.dtype
+
+
+def _plain_layers(cache, start: int, end: int) -> bool:
+    layers = getattr(cache, "layers", None)
+    return layers is not None and len(layers) >= end and all(
+        type(layers[i]) is DynamicLayer and layers[i].is_initialized for i in range(start, end))
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0  # forwards run
+    batched_requests: int = 0  # requests that ran together with others
+    largest_batch: int = 1
+
+
+class Scheduler:
+    def __init__(self, backend: BlockBackend, max_batch: int = 64):
+        self.backend, self.max_batch = backend, max_batch
+        self.stats = SchedulerStats()
+        self._inference: deque[Work] = deque()
+        self._forward: deque[Work] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="corolla-compute", daemon=True)
+        self._thread.start()
+
+    async def run(self, start_block: int, end_block: int, inputs: SpanInputs, inference: bool) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        work = Work(start_block, end_block, inputs, inference, loop.create_future(), loop)
+        with self._wake:
+            (self._inference if inference else self._forward).append(work)
+            self._wake.notify()
+        return await work.future
+
+    # ---- compute thread ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._inference or self._forward or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                batch = self._plan()
+            try:
+                outputs = self._compute(batch)
+            except Exception as e:  # the handler reports it; the thread goes on
+                for work in batch:
+                    work.loop.call_soon_threadsafe(_set_exception, work.future, e)
+                continue
+            for work, output in zip(batch, outputs):
+                work.loop.call_soon_threadsafe(_set_result, work.future, output)
+
+    def _plan(self) -> list[Work]:
+        """Pick what runs next: all waiting batchable decode steps over the first one's blocks, else one request."""
+        queue = self._inference or self._forward
+        first = queue.popleft()
+        batch = [first]
+        if first.batchable:
+            for work in list(self._inference):
+                if len(batch) >= self.max_batch:
+                    break
+                if work.batchable and _group(work) == _group(first):
+                    self._inference.remove(work)
+                    batch.append(work)
+        return batch
+
+    def _compute(self, batch: list[Work]) -> list[torch.Tensor]:
+        self.stats.steps += 1
+        if len(batch) == 1:
+            work = batch[0]
+            return [self.backend.run_sync(work.start_block, work.end_block, work.inputs)]
+        self.stats.batched_requests += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        return self._compute_batched(batch)
+
+    def _compute_batched(self, batch: list[Work]) -> list[torch.Tensor]:
+        start, end = batch[0].start_block, batch[0].end_block
+        sizes = [work.inputs.hidden.shape[0] for work in batch]
+        lengths = [work.inputs.cache.layers[start].keys.shape[-2] for work in batch]
+        longest = max(lengths)
+        stacked = self.backend.new_cache()
+        for layer_index in range(start, end):
+            keys, values = [], []
+            for work, length in zip(batch, lengths):
+                layer = work.inputs.cache.layers[layer_index]
+                pad = longest - length  # left padding, so the new token lands in the same column for everyone
+                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
+            stacked.update(torch.cat(keys), torch.cat(values), layer_index)
+        mask = torch.cat([torch.cat([torch.zeros(size, longest - length, dtype=torch.int64),
+                                     torch.ones(size, length + 1, dtype=torch.int64)], dim=1)
+                          for size, length in zip(sizes, lengths)])
+        inputs = SpanInputs(hidden=torch.cat([work.inputs.hidden for work in batch]),
+                            position_ids=torch.cat([work.inputs.position_ids for work in batch]),
+                            attention_mask=mask, cache=stacked)
+        output = self.backend.run_sync(start, end, inputs)
+        # Each session's cache gets its own new entries (the last column of the stacked cache).
+        offsets = [sum(sizes[:i]) for i in range(len(batch))]
+        for layer_index in range(start, end):
+            layer = stacked.layers[layer_index]
+            for work, offset, size in zip(batch, offsets, sizes):
+                rows = slice(offset, offset + size)
+                work.inputs.cache.update(layer.keys[rows, :, -1:], layer.values[rows, :, -1:], layer_index)
+        return [output[offset:offset + size] for offset, size in zip(offsets, sizes)]
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+
+
+def _set_result(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
