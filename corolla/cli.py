@@ -15,7 +15,8 @@ import typing
 from corolla.errors import CorollaError
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of a config dataclass: its type, default and help come from the field."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
@@ -26,16 +27,19 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("positional"):
             parser.add_argument(f.name, help=help_text)
         elif base is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=default, help=help_text)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
         elif typing.get_origin(base) is tuple:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", nargs="*", default=list(default or ()),
-                                help=help_text)
+            # None stays None (e.g. "no allow-list"); an empty default stays an empty list.
+            parser.add_argument(f"--{f.name.replace('_', '-')}", nargs="*",
+                                default=None if default is None else list(default), help=help_text)
         else:
             shown = f" (default: {default})" if default not in (None, "") else ""
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=base, default=default, help=help_text + shown)
 
 
-def _from_args(cls: type, args: argparse.Namespace):
+def from_args(cls: type, args: argparse.Namespace):
+    """The config dataclass built from options made by add_dataclass_args."""
     values = {}
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name)
@@ -48,7 +52,7 @@ def _network_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("network")
-    _add_dataclass_args(group, NetworkConfig)
+    add_dataclass_args(group, NetworkConfig)
     return parser
 
 
@@ -71,7 +75,7 @@ async def _run_dht(network) -> None:
 def cmd_dht(args) -> None:
     from corolla.net.node import NetworkConfig
 
-    asyncio.run(_run_dht(_from_args(NetworkConfig, args)))
+    asyncio.run(_run_dht(from_args(NetworkConfig, args)))
 
 
 def cmd_server(args) -> None:
@@ -79,7 +83,7 @@ def cmd_server(args) -> None:
     from corolla.server.config import ServerConfig
     from corolla.server.server import Server
 
-    server = Server(_from_args(ServerConfig, args), _from_args(NetworkConfig, args))
+    server = Server(from_args(ServerConfig, args), from_args(NetworkConfig, args))
     asyncio.run(server.run())
 
 
@@ -87,7 +91,7 @@ def cmd_demo(args) -> None:
     from corolla.demo import run_demo
 
     run_demo(model=args.model, prompt=args.prompt, servers=args.servers, max_new_tokens=args.max_new_tokens,
-             workdir=args.workdir)
+             workdir=args.workdir, serve=args.serve, api_port=args.api_port)
 
 
 def cmd_fetch_model(args) -> None:
@@ -121,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     dht.set_defaults(run=cmd_dht)
 
     server = commands.add_parser("server", parents=[_network_parser()], help="serve a span of a model's blocks")
-    _add_dataclass_args(server, ServerConfig)
+    add_dataclass_args(server, ServerConfig)
     server.set_defaults(run=cmd_server)
 
     demo = commands.add_parser("demo", help="run a private swarm on this machine and chat through it")
@@ -130,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--servers", type=int, default=3, help="number of servers (default: 3)")
     demo.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
     demo.add_argument("--workdir", default=None, help="where the processes' logs go (default: a temporary folder)")
+    demo.add_argument("--serve", action="store_true", help="after the answer, keep the swarm and the API up until "
+                                                           "Ctrl-C")
+    demo.add_argument("--api-port", type=int, default=0, help="HTTP port of the API (default: any free port)")
     demo.set_defaults(run=cmd_demo)
 
     _add_optional_commands(commands)

@@ -1,18 +1,26 @@
-"""`corolla demo`: a private swarm on this machine (bootstrap peer + servers on 127.0.0.1), one chat turn through
-it, streamed to the terminal, then a clean shutdown (also on Ctrl-C)."""
+"""`corolla demo`: a private swarm on this machine (bootstrap peer + servers on 127.0.0.1), the OpenAI-compatible
+API with its web chat and swarm map over it, one chat turn streamed to the terminal, then a clean shutdown (also
+on Ctrl-C). With `serve=True` the swarm and the API stay up after the answer until Ctrl-C."""
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from corolla.launch import LocalSwarm, split_blocks
 
 
-def run_demo(model: str | None, prompt: str, servers: int, max_new_tokens: int, workdir: str | None) -> None:
+def run_demo(model: str | None, prompt: str, servers: int, max_new_tokens: int, workdir: str | None,
+             serve: bool = False, api_port: int = 0) -> None:
     from transformers import AutoTokenizer, TextStreamer
 
+    from corolla.api.app import ApiServer, create_app
+    from corolla.api.config import ApiConfig
+    from corolla.api.served import ServedModel
     from corolla.client.model import AutoDistributedModelForCausalLM
     from corolla.models.checkpoint import load_config
     from corolla.models.embedded import ensure_embedded_model
@@ -23,18 +31,29 @@ def run_demo(model: str | None, prompt: str, servers: int, max_new_tokens: int, 
     spans = split_blocks(num_blocks, servers)
     print(f"Starting a private swarm on 127.0.0.1: 1 bootstrap peer + {len(spans)} servers "
           f"(logs in {workdir})", flush=True)
-    client = None
+    client = served = api = None
     with LocalSwarm(workdir) as swarm:
         try:
             peers = swarm.start_dht()
             began = time.perf_counter()
             processes = [swarm.start_server(model_dir, span, f"server{i}", ["--num-threads", "1"], wait=False)
                          for i, span in enumerate(spans)]
-            for process in processes:
-                swarm.wait_for_line(process, "ready:", timeout=180)
+            with tqdm(total=len(processes), desc="servers loading their blocks", unit="server",
+                      disable=not sys.stderr.isatty(), leave=False) as bar:
+                for process in processes:
+                    swarm.wait_for_line(process, "ready:", timeout=180)
+                    bar.update()
             print(f"{len(spans)} servers ready in {time.perf_counter() - began:.1f} s", flush=True)
             client = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=peers)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+            config = ApiConfig(model=str(model_dir), port=api_port)
+            served = ServedModel.create(client, tokenizer, model_dir.resolve().name, config)
+            api = ApiServer(create_app(served, config.state_refresh), config.host, config.port)
+            url = api.start()
+            print(f"API: {url}/v1 (OpenAI-compatible, model {served.name!r}); chat page: {url}/ ; "
+                  f"swarm map: {url}/swarm", flush=True)
+
             messages = [{"role": "user", "content": prompt}]
             input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                       return_dict=True)["input_ids"]
@@ -53,10 +72,19 @@ def run_demo(model: str | None, prompt: str, servers: int, max_new_tokens: int, 
                 server = next((n for n, p in names.items() if hop.peer_id in p.log()), "?")
                 print(f"  blocks {hop.start:>3}..{hop.end - 1:<3} served by {server} ({hop.peer_id})")
             print(f"{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s "
-                  f"(prompt of {input_ids.shape[1]} tokens included)")
+                  f"(prompt of {input_ids.shape[1]} tokens included)", flush=True)
+            if serve:
+                print(f"Serving the API at {url}/v1 (chat page: {url}/) until Ctrl-C ...", flush=True)
+                while True:
+                    time.sleep(0.5)
+            print("(`corolla demo --serve` keeps the swarm, the API and its pages up until Ctrl-C)", flush=True)
         except KeyboardInterrupt:
             print("\nInterrupted: stopping the swarm", flush=True)
         finally:
+            if api is not None:
+                api.stop()
+            if served is not None:
+                served.close()
             if client is not None:
                 client.close()
             print("Stopping servers and the bootstrap peer ...", flush=True)

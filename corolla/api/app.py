@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(served: ServedModel, state_refresh_s: float = 2.0) -> FastAPI:
-    app = FastAPI(title="Corolla API", version=__version__,
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and these machines may be offline.
+    app = FastAPI(title="Corolla API", version=__version__, docs_url=None, redoc_url=None,
                   description=f"OpenAI-compatible API for {served.name}, served by a Corolla swarm")
     install_error_handlers(app)
     app.include_router(openai_router(served))

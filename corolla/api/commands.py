@@ -1,4 +1,4 @@
-"""`corolla api | chat | health`, and the API options of `corolla demo` (`--serve`, `--api-port`)."""
+"""`corolla api | chat | health`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from corolla.cli import _add_dataclass_args, _from_args
+from corolla.cli import add_dataclass_args, from_args
 
 
 def _network_args(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,13 @@ def _network(args: argparse.Namespace):
 def _client_group(parser: argparse.ArgumentParser) -> None:
     from corolla.client.config import ClientConfig
 
-    _add_dataclass_args(parser.add_argument_group("client (waits are in seconds)"), ClientConfig)
+    add_dataclass_args(parser.add_argument_group("client (waits are in seconds)"), ClientConfig)
+
+
+def _client_config(args: argparse.Namespace):
+    from corolla.client.config import ClientConfig
+
+    return from_args(ClientConfig, args)
 
 
 def _wait_for_signal() -> None:
@@ -45,11 +51,10 @@ def cmd_api(args: argparse.Namespace) -> None:
     from corolla.api.app import ApiServer, create_app
     from corolla.api.config import ApiConfig
     from corolla.api.served import ServedModel, load_model
-    from corolla.client.config import ClientConfig
 
-    config = _from_args(ApiConfig, args)
+    config = from_args(ApiConfig, args)
     print(f"Joining the swarm and loading the client parts of {config.model} ...", flush=True)
-    model, tokenizer, name = load_model(config, _network(args), _from_args(ClientConfig, args))
+    model, tokenizer, name = load_model(config, _network(args), _client_config(args))
     served = ServedModel.create(model, tokenizer, name, config)
     try:
         server = ApiServer(create_app(served, config.state_refresh), config.host, config.port, access_log=True)
@@ -75,7 +80,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     model, tokenizer, name = load_model(config, _network(args))
     served = ServedModel.create(model, tokenizer, name, config)
     try:
-        run_chat(served, _from_args(ChatOptions, args))
+        run_chat(served, from_args(ChatOptions, args))
     finally:
         served.close()
         model.close()
@@ -113,20 +118,13 @@ def cmd_health(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from corolla.demo import run_demo
-
-    run_demo(model=args.model, prompt=args.prompt, servers=args.servers, max_new_tokens=args.max_new_tokens,
-             workdir=args.workdir, serve=args.serve, api_port=args.api_port)
-
-
 def add_commands(commands) -> None:
     from corolla.api.chat import ChatOptions
     from corolla.api.config import ApiConfig
 
     api = commands.add_parser("api", help="serve a swarm's model over an OpenAI-compatible HTTP API, with a web "
                                           "chat and a swarm map")
-    _add_dataclass_args(api, ApiConfig)
+    add_dataclass_args(api, ApiConfig)
     _network_args(api)
     _client_group(api)
     api.set_defaults(run=cmd_api)
@@ -135,7 +133,7 @@ def add_commands(commands) -> None:
     chat.add_argument("model", help="local model directory (config, tokenizer, embeddings and head)")
     chat.add_argument("--model-name", default=None, help="the model's name in the DHT (default: the directory name)")
     chat.add_argument("--dtype", default=None, help="client dtype: float32, float16 or bfloat16")
-    _add_dataclass_args(chat, ChatOptions)
+    add_dataclass_args(chat, ChatOptions)
     _network_args(chat)
     chat.set_defaults(run=cmd_chat)
 
@@ -154,10 +152,3 @@ def add_commands(commands) -> None:
     health.add_argument("--rtt-timeout", type=float, default=2.0, help="seconds to wait for a ping (default: 2.0)")
     _network_args(health)
     health.set_defaults(run=cmd_health)
-
-    demo = commands.choices.get("demo")
-    if demo is not None:  # defined in corolla/cli.py; the API part of the demo lives here
-        demo.add_argument("--serve", action="store_true",
-                          help="after the answer, keep the swarm and the API up until Ctrl-C")
-        demo.add_argument("--api-port", type=int, default=0, help="HTTP port of the API (default: any free port)")
-        demo.set_defaults(run=cmd_demo)

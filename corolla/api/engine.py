@@ -156,6 +156,8 @@ class Engine:
             logits = self.model(ids, logits_to_keep=1).logits[:, -1, :]
             for step in range(job.max_new_tokens):
                 if cancelled.is_set():
+                    logger.info("generation cancelled after %d of at most %d tokens (the client went away or "
+                                "stopped it); its inference session is closed", step, job.max_new_tokens)
                     return
                 tokens = next_tokens(logits, job.sampling, generator)
                 last = step == job.max_new_tokens - 1

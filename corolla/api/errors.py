@@ -69,16 +69,40 @@ def _validation_error(error: RequestValidationError) -> ApiError:
         detail = first.get("ctx", {}).get("error", first["msg"])
         return ApiError(400, f"the request body is not valid JSON: {detail} (at character {position})",
                         code="invalid_json")
-    fields = [".".join(str(part) for part in p["loc"] if part != "body") for p in problems]
-    messages = []
-    for problem, field in zip(problems, fields):
-        if problem["type"] == "extra_forbidden":
-            messages.append(f"unsupported parameter {field!r}")
-        elif problem["type"] == "missing":
-            messages.append(f"missing required parameter {field!r}" if field else "missing request body")
+    if tuple(first["loc"]) == ("body",) and first["type"] != "missing":
+        if isinstance(first.get("input"), bytes):
+            message = "the request body is not JSON: send a JSON object with Content-Type: application/json"
         else:
-            messages.append(f"{field or 'body'}: {problem['msg']} (got {_short(problem.get('input'))})")
-    return ApiError(400, "; ".join(messages), param=fields[0] or None, code="invalid_value")
+            message = f"the request body must be a JSON object, got {_short(first.get('input'))}"
+        return ApiError(400, message, code="invalid_json")
+    by_field: dict[str, list[str]] = {}
+    for problem in problems:
+        field = _field(problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            text = f"unsupported parameter {field!r}"
+        elif problem["type"] == "missing":
+            text = f"missing required parameter {field!r}" if field else "missing request body"
+        else:
+            text = f"{field or 'body'}: {problem['msg']} (got {_short(problem.get('input'))})"
+        by_field.setdefault(field, [])
+        if text not in by_field[field]:
+            by_field[field].append(text)
+    message = "; ".join(" or ".join(texts) for texts in by_field.values())
+    return ApiError(400, message, param=next(iter(by_field)) or None, code="invalid_value")
+
+
+def _field(loc) -> str:
+    """`body.messages.0.role` -> `messages.0.role`, without pydantic's union-member tags (`str`, `list[str]`)."""
+    parts = []
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        text = str(part)
+        if isinstance(part, str) and ("[" in text or text[:1].isupper() or text in _TYPE_TAGS):
+            continue
+        parts.append(text)
+    return ".".join(parts)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _short(value, limit: int = 80) -> str:

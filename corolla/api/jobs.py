@@ -47,7 +47,8 @@ def completion_jobs(request: CompletionRequest, tokenizer: PreTrainedTokenizerBa
     prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
     if len(prompts) * request.n > limits.max_n:
         raise ApiError(400, f"{len(prompts)} prompts x n={request.n} asks for {len(prompts) * request.n} choices; "
-                            f"this server allows at most {limits.max_n} per request", param="n", code="too_many_choices")
+                            f"this server allows at most {limits.max_n} per request", param="n",
+                       code="too_many_choices")
     jobs = []
     for prompt in prompts:
         prompt_ids = tuple(int(i) for i in tokenizer(prompt)["input_ids"])

@@ -53,7 +53,8 @@ def _sse(chunk: BaseModel) -> bytes:
 
 
 async def _stream(events: AsyncIterator[Event], outcome: _Outcome, opening: Iterable[BaseModel],
-                  chunks: Callable[[Event], BaseModel], closing: Callable[[], Iterable[BaseModel]]) -> EventSourceResponse:
+                  chunks: Callable[[Event], BaseModel],
+                  closing: Callable[[], Iterable[BaseModel]]) -> EventSourceResponse:
     """Wait for the first event (errors before it propagate as plain error responses), then stream the rest."""
     iterator = aiter(events)
     first: Event | None = await anext(iterator, None)

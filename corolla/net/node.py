@@ -18,7 +18,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from corolla.errors import CorollaError
-from corolla.net.wire import DEFAULT_MAX_FRAME_BYTES, Message, read_frame, write_frame
+from corolla.net.wire import DEFAULT_MAX_FRAME_BYTES, Message, TransferMeter, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,16 @@ class MessageStream:
     """One libp2p stream carrying typed, length-prefixed messages in both directions."""
 
     def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, meter: TransferMeter | None = None):
         self.peer_id, self._reader, self._writer, self._max_frame_bytes = peer_id, reader, writer, max_frame_bytes
+        self._meter = meter
 
     async def send(self, message: Message) -> None:
         await write_frame(self._writer, message)
 
     async def recv(self, timeout: float | None = None) -> Message:
         """Next message; EOFError if the peer closed cleanly, TimeoutError after `timeout` seconds."""
-        return await asyncio.wait_for(read_frame(self._reader, self._max_frame_bytes), timeout)
+        return await asyncio.wait_for(read_frame(self._reader, self._max_frame_bytes, self._meter), timeout)
 
     def close(self) -> None:
         if not self._writer.is_closing():
@@ -68,6 +69,7 @@ class Node:
     def __init__(self, p2p: P2P, dht: DHTNode):
         self._p2p, self._dht = p2p, dht
         self.peer_id: str = p2p.peer_id.to_base58()
+        self.meter = TransferMeter()  # bandwidth seen on this peer's incoming streams
 
     @classmethod
     async def create(cls, config: NetworkConfig, client_mode: bool = False) -> "Node":
@@ -133,7 +135,7 @@ class Node:
 
     async def serve(self, protocol: str, handler: StreamHandler, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         async def on_stream(info, reader, writer):
-            stream = MessageStream(info.peer_id.to_base58(), reader, writer, max_frame_bytes)
+            stream = MessageStream(info.peer_id.to_base58(), reader, writer, max_frame_bytes, self.meter)
             try:
                 await handler(stream)
             except Exception:
@@ -151,7 +153,7 @@ class Node:
             )
         except (ControlFailure, P2PDaemonError) as e:
             raise ConnectionError(f"cannot reach {peer_id}: {e}") from None
-        return MessageStream(peer_id, reader, writer)
+        return MessageStream(peer_id, reader, writer, meter=self.meter)
 
     async def shutdown(self) -> None:
         try:

@@ -21,7 +21,9 @@ class ServerRecord(BaseModel):
     state: ServerState
     start_block: int = Field(ge=0, description="first block of the server's span")
     end_block: int = Field(ge=1, description="one past the last block of the span")
-    throughput: float = Field(default=1.0, ge=0, description="inference tokens/s of the whole span (estimate)")
+    throughput: float = Field(default=1.0, ge=0, description="inference (decode) tokens/s of the whole span, measured")
+    forward_throughput: float = Field(default=0.0, ge=0, description="forward (prefill/training) tokens/s of the span")
+    network_mbps: float | None = Field(default=None, ge=0, description="incoming bandwidth seen in real transfers")
     dtype: str = Field(default="float32", description="compute dtype")
     quant: str = Field(default="none", description="weight quantization")
     cache_tokens_left: int = Field(default=0, ge=0, description="attention-cache room, in tokens")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
+import time
 from typing import ClassVar
 
 import msgpack
@@ -139,7 +140,28 @@ async def write_frame(writer: asyncio.StreamWriter, message: Message) -> None:
     await writer.drain()
 
 
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+class TransferMeter:
+    """Network speed seen in real transfers: payloads of large frames over the time their bytes took to arrive."""
+
+    MIN_BYTES = 256 * 1024  # smaller frames measure latency, not bandwidth
+
+    def __init__(self, keep: int = 32):
+        self._samples: list[tuple[int, float]] = []
+        self._keep = keep
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        if nbytes >= self.MIN_BYTES and seconds > 0:
+            self._samples = (self._samples + [(nbytes, seconds)])[-self._keep:]
+
+    @property
+    def bytes_per_second(self) -> float | None:
+        if not self._samples:
+            return None
+        return sum(n for n, _ in self._samples) / sum(t for _, t in self._samples)
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                     meter: TransferMeter | None = None) -> Message:
     """Read one message. Raises EOFError when the peer closed the stream cleanly between frames."""
     try:
         header = await reader.readexactly(_LENGTH.size)
@@ -150,8 +172,11 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_
     (length,) = _LENGTH.unpack(header)
     if length > max_bytes:
         raise BadRequestError(f"frame of {length} bytes exceeds the limit of {max_bytes} bytes")
+    began = time.perf_counter()
     try:
         payload = await reader.readexactly(length)
     except asyncio.IncompleteReadError:
         raise ConnectionError("stream closed inside a frame") from None
+    if meter is not None:
+        meter.record(length, time.perf_counter() - began)
     return decode(payload)

@@ -3,7 +3,6 @@ see scheduler.py, which owns that thread)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import torch
@@ -38,16 +37,3 @@ class BlockBackend:
         with torch.inference_mode():
             output = self.spec.run_span(self.config, self.helpers, blocks, start_block, on_device)
         return output.to("cpu", wire_dtype)
-
-    def measure_throughput(self, tokens: int = 16) -> float:
-        """Decode tokens/s of the whole span, measured with the real step path (one warm-up step first)."""
-        cache = self.new_cache()
-        hidden = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype)
-        timings = []
-        for position in range(tokens + 1):
-            inputs = SpanInputs(hidden=hidden, position_ids=torch.tensor([[position]]), attention_mask=None,
-                                cache=cache)
-            began = time.perf_counter()
-            self.run_sync(self.start, self.end, inputs)
-            timings.append(time.perf_counter() - began)
-        return 1.0 / max(sorted(timings[1:])[len(timings) // 2 - 1], 1e-6)

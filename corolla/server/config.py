@@ -10,8 +10,11 @@ class ServerConfig:
     model: str = field(metadata={"help": "local Hugging Face-format model directory", "positional": True})
     blocks: str | None = field(default=None, metadata={"help": "span to serve, START:END (END exclusive)"})
     num_blocks: int | None = field(default=None, metadata={"help": "serve this many blocks where the swarm needs "
-                                                                   "them most (ignored with --blocks)"})
+                                                                   "them most, moving when the swarm needs it "
+                                                                   "(default: as many as fit the device memory)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
+    quant: str = field(default="none", metadata={"help": "weight quantization: none, int8 (CUDA: bitsandbytes; CPU: "
+                                                         "torch dynamic int8, float32 only) or nf4 (CUDA only)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (default: the "
                                                               "checkpoint's dtype)"})
     model_name: str | None = field(default=None, metadata={"help": "name in the DHT (default: the directory name)"})
@@ -22,6 +25,11 @@ class ServerConfig:
     max_batch_size: int = field(default=64, metadata={"help": "most sequences in one request"})
     max_step_tokens: int = field(default=8192, metadata={"help": "most new tokens (batch x length) in one step"})
     session_idle_timeout: float = field(default=300.0, metadata={"help": "seconds a session may stay silent"})
+    rebalance_period: float = field(default=120.0, metadata={"help": "seconds between checks whether moving to "
+                                                                     "other blocks would help the swarm (0 = never); "
+                                                                     "only without --blocks"})
+    throughput_cache: str | None = field(default=None, metadata={"help": "file of measured speeds (default: "
+                                                                         "~/.cache/corolla/throughput.json)"})
     announce_period: float = field(default=10.0, metadata={"help": "seconds between DHT announcements"})
     debug_delay_ms: float = field(default=0.0, metadata={"help": "testing only: add this one-way latency to every "
                                                                  "message received and reply sent (a slow link)"})

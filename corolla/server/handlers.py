@@ -130,6 +130,11 @@ class Handlers:
         self.sessions[session.session_id] = session
         return session
 
+    async def close_all(self) -> None:
+        """End every open session (the server is moving to other blocks); their clients fail over."""
+        for session in list(self.sessions.values()):
+            session.inbox.put_nowait(CloseSession())
+
     async def _close(self, session: Session) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
             session.cache = None  # drop the tensors now, not when the handler frame goes away

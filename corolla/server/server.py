@@ -1,30 +1,38 @@
-"""Server lifecycle: join the swarm, choose and load blocks, announce them, serve until told to stop."""
+"""Server lifecycle: join the swarm, choose and load blocks, announce them, serve, move when the swarm needs it,
+and announce itself offline when told to stop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 import corolla
 from corolla.errors import CorollaError
-from corolla.models.checkpoint import DTYPES, config_dtype, load_blocks, load_config, make_span_helpers, model_id
+from corolla.models.checkpoint import (DTYPES, Checkpoint, config_dtype, load_blocks, load_config, make_span_helpers,
+                                       model_id)
+from corolla.models.embedded import cache_dir
 from corolla.models.spec import family_for
-from corolla.net.messages import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, PUSH_PROTOCOL
-from corolla.net.node import NetworkConfig, Node
-from corolla.net.ping import serve_ping
 from corolla.net.directory import read_servers
+from corolla.net.messages import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, PUSH_PROTOCOL
+from corolla.net.node import MessageStream, NetworkConfig, Node
+from corolla.net.ping import serve_ping
 from corolla.net.records import ServerRecord, ServerState, block_key
 from corolla.server.backend import BlockBackend
+from corolla.server.cache import CacheManager
 from corolla.server.config import ServerConfig
 from corolla.server.handlers import Handlers, Limits
-from corolla.server.placement import choose_span
-from corolla.server.cache import CacheManager
+from corolla.server.placement import blocks_that_fit, choose_span, should_move
+from corolla.server.quantize import QUANT_TYPES, block_bytes, quantize_blocks
 from corolla.server.scheduler import Scheduler
+from corolla.server.throughput import Throughput, cached_measure
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,18 @@ def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
     return start, end
 
 
+@dataclass
+class Serving:
+    """What a server runs for its current span; replaced as a whole when the server moves."""
+
+    start: int
+    end: int
+    backend: BlockBackend
+    scheduler: Scheduler
+    handlers: Handlers
+    throughput: Throughput
+
+
 class Server:
     def __init__(self, config: ServerConfig, network: NetworkConfig):
         self.config, self.network = config, network
@@ -50,30 +70,121 @@ class Server:
         self.model_id = model_id(self.model_config, name)
         if config.dtype is not None and config.dtype not in DTYPES:
             raise CorollaError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+        if config.quant not in QUANT_TYPES:
+            raise CorollaError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {config.quant!r}")
         self.dtype = DTYPES[config.dtype] if config.dtype else config_dtype(self.model_config)
         self.device = torch.device(config.device)
-        if config.blocks is None and config.num_blocks is None:
-            raise CorollaError("give --blocks START:END or --num-blocks N")
         self.stop = asyncio.Event()
         self.started_at = time.time()
+        self.cache = CacheManager(config.cache_tokens)
+        self.serving: Serving | None = None
+
+    # ---- choosing blocks --------------------------------------------------------------------------------------
+
+    def _default_num_blocks(self) -> int:
+        """As many blocks as fit the device's free memory, after the attention-cache budget."""
+        checkpoint = Checkpoint(self.config.model)
+        names = checkpoint.names_with_prefix(self.spec.block_prefix.format(index=0))
+        per_block = sum(t.numel() for t in checkpoint.read(names).values()) * torch.empty((), dtype=self.dtype).element_size()
+        if self.config.quant != "none":
+            per_block //= 4 if self.config.quant == "int8" else 7
+        kv_heads = getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads
+        head_dim = getattr(self.model_config, "head_dim", None) or self.model_config.hidden_size // self.model_config.num_attention_heads
+        cache_per_block = 2 * kv_heads * head_dim * torch.empty((), dtype=self.dtype).element_size() * self.config.cache_tokens
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = psutil.virtual_memory().available // 2  # leave room for the rest of the machine
+        fitting = blocks_that_fit(free, per_block + cache_per_block, 0, self.num_blocks)
+        if fitting == 0:
+            raise CorollaError(f"not even one block ({(per_block + cache_per_block) / 2**20:.0f} MiB with its cache) fits "
+                               f"the {free / 2**20:.0f} MiB free on {self.device}; lower --cache-tokens or use --quant")
+        return fitting
 
     async def _choose_blocks(self, node: Node) -> tuple[int, int]:
         if self.config.blocks is not None:
             return parse_blocks(self.config.blocks, self.num_blocks)
+        length = self.config.num_blocks or self._default_num_blocks()
         servers = await read_servers(node, self.model_id, self.num_blocks)
-        return choose_span(servers, self.num_blocks, self.config.num_blocks)
+        return choose_span(servers, self.num_blocks, length)
 
-    def _record(self, state: ServerState, throughput: float, cache: CacheManager | None) -> ServerRecord:
-        return ServerRecord(state=state, start_block=self.start, end_block=self.end, throughput=throughput,
-                            dtype=str(self.dtype).removeprefix("torch."), quant="none",
-                            cache_tokens_left=cache.tokens_left if cache else 0, version=corolla.__version__,
-                            public_name=self.config.public_name, started_at=self.started_at)
+    # ---- loading and serving ----------------------------------------------------------------------------------
 
-    async def _announce(self, node: Node, record: ServerRecord, ttl: float) -> None:
-        expiration = time.time() + ttl
-        items = [(block_key(self.model_id, block), node.peer_id, record.model_dump(mode="json"), expiration)
-                 for block in range(self.start, self.end)]
-        await node.store(items)
+    def _load(self, start: int, end: int, node: Node) -> Serving:
+        load_device = "cpu" if self.config.quant != "none" else self.device
+        blocks = load_blocks(self.config.model, self.model_config, start, end, load_device, self.dtype)
+        blocks = quantize_blocks(blocks, self.config.quant, self.device, self.dtype)
+        helpers = make_span_helpers(self.spec, self.model_config, self.device, self.dtype)
+        backend = BlockBackend(self.model_config, self.spec, blocks, helpers, start, self.device, self.dtype)
+        cache_file = Path(self.config.throughput_cache or cache_dir() / "throughput.json")
+        key = f"{self.model_id}|{self.device}|{torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu'}" \
+              f"|{self.dtype}|{self.config.quant}|threads={torch.get_num_threads()}"
+        throughput = cached_measure(backend, cache_file, key)
+        logger.info("blocks %d:%d loaded: %.1f MiB, %.1f decode tokens/s for the span", start, end,
+                    sum(block_bytes(b) for b in blocks) / 2**20, throughput.for_span(end - start)[0])
+        limits = Limits(max_session_length=self.config.max_session_length, max_batch_size=self.config.max_batch_size,
+                        max_step_tokens=self.config.max_step_tokens,
+                        session_idle_timeout=self.config.session_idle_timeout,
+                        link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file)
+        scheduler = Scheduler(backend, max_batch=self.config.max_batch_size)
+        handlers = Handlers(backend, scheduler, self.model_id, self.cache, limits, node)
+        return Serving(start, end, backend, scheduler, handlers, throughput)
+
+    def _record(self, state: ServerState, node: Node) -> ServerRecord:
+        serving = self.serving
+        decode, forward = serving.throughput.for_span(serving.end - serving.start) if serving else (0.0, 0.0)
+        bandwidth = node.meter.bytes_per_second
+        return ServerRecord(state=state, start_block=self.start, end_block=self.end,
+                            throughput=decode if state == ServerState.ONLINE else 0.0, forward_throughput=forward,
+                            network_mbps=bandwidth * 8 / 1e6 if bandwidth else None,
+                            dtype=str(self.dtype).removeprefix("torch."), quant=self.config.quant,
+                            cache_tokens_left=self.cache.tokens_left if state == ServerState.ONLINE else 0,
+                            version=corolla.__version__, public_name=self.config.public_name,
+                            started_at=self.started_at)
+
+    async def _announce(self, node: Node, state: ServerState) -> None:
+        expiration = time.time() + 3 * self.config.announce_period
+        value = self._record(state, node).model_dump(mode="json")
+        await node.store([(block_key(self.model_id, block), node.peer_id, value, expiration)
+                          for block in range(self.start, self.end)])
+
+    async def _register(self, node: Node) -> None:
+        # Registered once; each call goes to whatever span is served now.
+        async def inference(stream: MessageStream) -> None:
+            await self.serving.handlers.inference(stream)
+
+        async def forward(stream: MessageStream) -> None:
+            await self.serving.handlers.forward(stream)
+
+        async def push(stream: MessageStream) -> None:
+            await self.serving.handlers.push(stream)
+
+        await node.serve(INFERENCE_PROTOCOL, inference)
+        await node.serve(FORWARD_PROTOCOL, forward)
+        await node.serve(PUSH_PROTOCOL, push)
+        await serve_ping(node, reply_delay=2 * self.config.debug_delay_ms / 1000)
+
+    async def _serve_span(self, node: Node, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        print(f"loading blocks {start}:{end} of {self.model_id} ({self.dtype}, {self.device}, quant {self.config.quant})",
+              flush=True)
+        await self._announce(node, ServerState.JOINING)
+        self.serving = await asyncio.to_thread(self._load, start, end, node)
+        await self._announce(node, ServerState.ONLINE)
+
+    async def _maybe_move(self, node: Node) -> None:
+        servers = await read_servers(node, self.model_id, self.num_blocks)
+        target = should_move(servers, node.peer_id, self.num_blocks)
+        if target is None or target == (self.start, self.end):
+            return
+        print(f"rebalancing: moving from blocks {self.start}:{self.end} to {target[0]}:{target[1]}", flush=True)
+        await self._announce(node, ServerState.OFFLINE)  # clients stop routing here, open sessions fail over
+        old = self.serving
+        await old.handlers.close_all()
+        old.scheduler.shutdown()
+        self.serving = None
+        await self._serve_span(node, *target)
+        print(f"ready: serving blocks {self.start}:{self.end} of {self.model_id} as {node.peer_id}", flush=True)
 
     async def run(self) -> None:
         if self.config.num_threads:
@@ -82,42 +193,30 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
         node = await Node.create(self.network)
-        scheduler = None
         try:
-            self.start, self.end = await self._choose_blocks(node)
-            print(f"joined the swarm as {node.peer_id}; loading blocks {self.start}:{self.end} of {self.model_id} "
-                  f"({self.dtype}, {self.device})", flush=True)
-            ttl = 3 * self.config.announce_period
-            await self._announce(node, self._record(ServerState.JOINING, 0.0, None), ttl)
-            began = time.perf_counter()
-            blocks = await asyncio.to_thread(load_blocks, self.config.model, self.model_config, self.start,
-                                             self.end, self.device, self.dtype)
-            helpers = make_span_helpers(self.spec, self.model_config, self.device, self.dtype)
-            backend = BlockBackend(self.model_config, self.spec, blocks, helpers, self.start, self.device, self.dtype)
-            throughput = await asyncio.to_thread(backend.measure_throughput)
-            logger.info("loaded %d blocks in %.1f s; %.1f tokens/s", len(blocks), time.perf_counter() - began,
-                        throughput)
-            cache = CacheManager(self.config.cache_tokens)
-            scheduler = Scheduler(backend, max_batch=self.config.max_batch_size)
-            limits = Limits(max_session_length=self.config.max_session_length,
-                            max_batch_size=self.config.max_batch_size, max_step_tokens=self.config.max_step_tokens,
-                            session_idle_timeout=self.config.session_idle_timeout,
-                            link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file)
-            handlers = Handlers(backend, scheduler, self.model_id, cache, limits, node)
-            await node.serve(INFERENCE_PROTOCOL, handlers.inference)
-            await node.serve(FORWARD_PROTOCOL, handlers.forward)
-            await node.serve(PUSH_PROTOCOL, handlers.push)
-            await serve_ping(node, reply_delay=2 * limits.link_delay)
-            await self._announce(node, self._record(ServerState.ONLINE, throughput, cache), ttl)
+            start, end = await self._choose_blocks(node)
+            print(f"joined the swarm as {node.peer_id}", flush=True)
+            await self._register(node)
+            await self._serve_span(node, start, end)
             print(f"ready: serving blocks {self.start}:{self.end} of {self.model_id} as {node.peer_id}", flush=True)
+            rebalance = self.config.rebalance_period if self.config.blocks is None else 0
+            next_check = time.monotonic() + _jittered(rebalance)
             while not self.stop.is_set():
                 try:
                     await asyncio.wait_for(self.stop.wait(), self.config.announce_period)
                 except asyncio.TimeoutError:
-                    await self._announce(node, self._record(ServerState.ONLINE, throughput, cache), ttl)
+                    await self._announce(node, ServerState.ONLINE)
+                if rebalance > 0 and time.monotonic() >= next_check and not self.stop.is_set():
+                    await self._maybe_move(node)
+                    next_check = time.monotonic() + _jittered(rebalance)
             print("shutting down: announcing offline", flush=True)
-            await asyncio.wait_for(self._announce(node, self._record(ServerState.OFFLINE, 0.0, None), ttl), 5)
+            await asyncio.wait_for(self._announce(node, ServerState.OFFLINE), 5)
         finally:
-            if scheduler is not None:
-                scheduler.shutdown()
+            if self.serving is not None:
+                self.serving.scheduler.shutdown()
             await asyncio.wait_for(node.shutdown(), 10)
+
+
+def _jittered(period: float) -> float:
+    # Servers that joined together should not all re-evaluate on the same view of the swarm at the same moment.
+    return period * random.uniform(0.75, 1.25)
