@@ -1,4 +1,4 @@
-"""A deterministic swarm simulator for the placement rules: no processes, no network, one seeded RNG.
+"""A deterministic swarm simulator for the placement rules: no processes, no network, seeded random streams.
 
 Hundreds of servers with log-normal throughputs and span lengths set by their device memory join one by one
 (`place_span`, the rule behind `choose_span`), then come and go over time steps; after each step's churn every
@@ -42,6 +42,15 @@ class Fleet:
 
 
 @dataclass(frozen=True)
+class Outage:
+    """A correlated failure: at `step`, every server whose span overlaps blocks [start, end) leaves at once."""
+
+    step: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class Scenario:
     """One simulated swarm: who joins, how often servers come and go, and which rules place them."""
 
@@ -54,6 +63,7 @@ class Scenario:
     placement: Placement = Placement.CHOOSE
     rebalance: bool = True  # each server runs the move rule once per step
     move_margin: float = DEFAULT_MOVE_MARGIN
+    outage: Outage | None = None
     seed: int = 0
     fleet: Fleet = field(default_factory=Fleet)
 
@@ -79,9 +89,10 @@ class StepReport:
     joins: int
     departures: int
     moves: int
-    swarm_throughput: float  # tokens/s of the weakest block
+    swarm_throughput: float  # tokens/s of the weakest block, after this step's moves
     upper_bound: float  # no placement of these servers can do better
-    uncovered_blocks: int
+    uncovered_after_churn: int  # blocks no server covered after the departures and joins, before moves
+    uncovered_blocks: int  # blocks no server covers after this step's moves
 
     @property
     def ratio(self) -> float:
@@ -110,7 +121,12 @@ class SimulationResult:
         return min(report.ratio for report in later)
 
     @property
+    def max_uncovered_after_churn(self) -> int:
+        return max(report.uncovered_after_churn for report in self.steps)
+
+    @property
     def max_uncovered(self) -> int:
+        """Most blocks left uncovered at the end of a step, after its moves (step 0 included)."""
         return max(report.uncovered_blocks for report in self.steps)
 
     @property
@@ -135,7 +151,7 @@ def offline_greedy(spans: Sequence[ServedSpan], num_blocks: int) -> float:
     per_block = [0.0] * num_blocks
     for span in sorted(spans, key=lambda s: (-s.throughput, -s.length, s.peer_id)):
         length = min(span.length, num_blocks)
-        start = best_window(per_block, length, span.throughput)
+        start = best_window(per_block, length)
         for block in range(start, start + length):
             per_block[block] += span.throughput
     return min(per_block)
@@ -163,15 +179,19 @@ class _Swarm:
         if length == 0:
             return  # this device cannot hold a block: it never joins
         if self.scenario.placement == Placement.CHOOSE:
-            start, _ = place_span(self.spans.values(), num_blocks, length, throughput)
+            start, _ = place_span(self.spans.values(), num_blocks, length)
         else:
             start = self.placement_rng.randrange(num_blocks - length + 1)
         peer_id = f"server-{next(self._ids):05d}"
         self.spans[peer_id] = ServedSpan(peer_id, start, start + length, throughput)
 
-    def churn(self) -> tuple[int, int]:
-        """Random departures, then random joins; returns (joins, departures)."""
+    def churn(self, step: int) -> tuple[int, int]:
+        """Random departures (and the outage, if at this step), then random joins; returns (joins, departures)."""
         leaving = [p for p in self.spans if self.churn_rng.random() < self.scenario.leave_probability]
+        outage = self.scenario.outage
+        if outage is not None and outage.step == step:
+            leaving += [p for p, span in self.spans.items()
+                        if span.start < outage.end and span.end > outage.start and p not in leaving]
         for peer_id in leaving:
             del self.spans[peer_id]
         joins = sum(self.churn_rng.random() < self.scenario.joins_per_server for _ in range(self.scenario.num_servers))
@@ -192,12 +212,15 @@ class _Swarm:
                 moves += 1
         return moves
 
-    def report(self, step: int, joins: int, departures: int, moves: int) -> StepReport:
+    def uncovered(self) -> int:
+        return len(uncovered_blocks(self.spans.values(), self.scenario.num_blocks))
+
+    def report(self, step: int, joins: int, departures: int, moves: int, uncovered_after_churn: int) -> StepReport:
         spans, num_blocks = list(self.spans.values()), self.scenario.num_blocks
         return StepReport(step=step, servers=len(spans), joins=joins, departures=departures, moves=moves,
                           swarm_throughput=swarm_throughput(spans, num_blocks),
                           upper_bound=upper_bound(spans, num_blocks),
-                          uncovered_blocks=len(uncovered_blocks(spans, num_blocks)))
+                          uncovered_after_churn=uncovered_after_churn, uncovered_blocks=self.uncovered())
 
 
 def simulate(scenario: Scenario) -> SimulationResult:
@@ -205,11 +228,12 @@ def simulate(scenario: Scenario) -> SimulationResult:
     swarm = _Swarm(scenario)
     for _ in range(scenario.num_servers):
         swarm.join()
-    reports = [swarm.report(0, joins=len(swarm.spans), departures=0, moves=0)]
+    reports = [swarm.report(0, joins=len(swarm.spans), departures=0, moves=0, uncovered_after_churn=swarm.uncovered())]
     for step in range(1, scenario.steps + 1):
-        joins, departures = swarm.churn()
+        joins, departures = swarm.churn(step)
+        uncovered_after_churn = swarm.uncovered()
         moves = swarm.rebalance() if scenario.rebalance else 0
-        reports.append(swarm.report(step, joins, departures, moves))
+        reports.append(swarm.report(step, joins, departures, moves, uncovered_after_churn))
     final_spans = list(swarm.spans.values())
     offline = offline_greedy(final_spans, scenario.num_blocks) if final_spans else 0.0
     return SimulationResult(scenario, reports, offline_best=max(offline, reports[-1].swarm_throughput))

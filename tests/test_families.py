@@ -1,6 +1,7 @@
 """Every supported family, in one process: transformers' own layers, split over spans at uneven boundaries, give
 the logits of transformers' own model (fp32, CPU), for a prefill, for decode steps with the server-side cache, for
-a stateless forward, and for a left-padded batch."""
+a stateless forward, and for a left-padded batch; sessions roll back past sliding windows; the server's continuous
+batching of decode steps changes no session's result."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from corolla.models.checkpoint import load_blocks, load_client_parts, load_config, make_span_helpers
 from corolla.models.spec import SpanInputs, family_for
-from tiny_models import FAMILY_CONFIGS, VOCAB, make_tiny
+from tiny_models import FAMILY_CONFIGS, VOCAB, make_family
 
 FAMILIES = list(FAMILY_CONFIGS)
 SPANS = [(0, 1), (1, 3), (3, 4)]  # uneven: 1, 2 and 1 blocks
@@ -21,7 +22,7 @@ def tiny_family(models_dir):
 
     def get(family: str):
         if family not in made:
-            made[family] = make_tiny(family, models_dir / f"tiny-{family}")
+            made[family] = make_family(family, models_dir)
         return made[family]
 
     return get
@@ -94,3 +95,84 @@ def test_left_padded_batch_matches_transformers(family, tiny_family):
     got = torch.cat(got, dim=1)
     real = mask.bool()
     assert (got - want)[real].abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "qwen2"])
+def test_sliding_window_session_rolls_back_past_the_window(family, tiny_family):
+    """The server drops cached tokens with `cache.crop(start - length)` (rollback, failover replay). Session caches
+    keep full history, so this works past the sliding window too (transformers' sliding cache layers refuse it)."""
+    path = tiny_family(family)
+    split, ref = SplitModel(path, SPANS), reference(path)
+    torch.manual_seed(3)
+    ids, other = torch.randint(3, VOCAB, (1, 12)), torch.randint(3, VOCAB, (1, 4))
+    with torch.no_grad():
+        want = ref(torch.cat([ids[:, :4], other], dim=1)).logits[:, -4:]
+    caches = split.new_caches()
+    split(ids, torch.arange(12)[None], caches=caches)
+    for cache in caches:
+        cache.crop(4 - 12)  # back to position 4: 8 tokens dropped, more than the 6-token window
+    got = split(other, torch.arange(4, 8)[None], caches=caches)
+    assert (got - want).abs().max() < TOLERANCE
+
+
+def test_checkpoint_saved_without_the_base_model_prefix(models_dir):
+    """GPT-2's own checkpoint names its tensors "h.0.attn..." (saved from GPT2Model, LM head tied): blocks and client
+    parts are found all the same."""
+    from tiny_models import tiny_config
+    from transformers import GPT2LMHeadModel
+
+    path = models_dir / "gpt2-bare-names"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(4)
+        GPT2LMHeadModel(tiny_config("gpt2")).transformer.save_pretrained(path)
+    split, ref = SplitModel(path, [(0, 3), (3, 4)]), reference(path)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert (split(ids, torch.arange(9).expand(2, -1)) - want).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuous_batching_of_decode_steps_changes_nothing(family, tiny_family):
+    """The server's compute thread runs single-token decode steps of concurrent sessions as one forward, stacking
+    their caches left-padded (corolla/server/scheduler.py). With each family's runner and cache, every session gets
+    what it gets alone: sliding windows, ALiBi and learned positions included."""
+    import asyncio
+
+    from corolla.server.backend import BlockBackend
+    from corolla.server.scheduler import Scheduler
+
+    path = tiny_family(family)
+    config = load_config(path)
+    spec = family_for(config)
+    backend = BlockBackend(config, spec, load_blocks(path, config, 1, 4, "cpu", torch.float32),
+                           make_span_helpers(spec, config, "cpu", torch.float32), 1, torch.device("cpu"),
+                           torch.float32)
+    generator = torch.Generator().manual_seed(9)
+    sessions = [(torch.randn(1, length, 64, generator=generator),
+                 [torch.randn(1, 1, 64, generator=generator) for _ in range(5)]) for length in (3, 9, 5, 14)]
+
+    async def run_session(scheduler, prompt, decode):
+        cache = backend.new_cache()
+        outputs = [await scheduler.run(1, 4, SpanInputs(prompt, torch.arange(prompt.shape[1])[None], None, cache),
+                                       True)]
+        for step, hidden in enumerate(decode):
+            position = torch.tensor([[prompt.shape[1] + step]])
+            outputs.append(await scheduler.run(1, 4, SpanInputs(hidden, position, None, cache), True))
+        return outputs
+
+    async def run(together: bool):
+        scheduler = Scheduler(backend)
+        try:
+            if together:
+                return await asyncio.gather(*(run_session(scheduler, *s) for s in sessions)), scheduler.stats
+            return [await run_session(scheduler, *s) for s in sessions], scheduler.stats
+        finally:
+            scheduler.shutdown()
+
+    expected, _ = asyncio.run(run(together=False))
+    got, stats = asyncio.run(run(together=True))
+    assert stats.largest_batch >= 2, stats
+    for want_steps, got_steps in zip(expected, got):
+        for want, have in zip(want_steps, got_steps):
+            assert (want - have).abs().max() < 1e-5

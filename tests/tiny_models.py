@@ -86,3 +86,8 @@ def make_tiny(family: str, path: Path, seed: int = 0, save: Callable | None = No
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     (save or (lambda m, p: m.save_pretrained(p)))(model, path)
     return path
+
+
+def make_family(family: str, models_dir: Path) -> Path:
+    """The tiny model of `family` used by the family tests (in-process and swarm), made once per test session."""
+    return make_tiny(family, models_dir / f"family-{family}")

@@ -9,6 +9,7 @@ is filled exactly as `from_pretrained` would fill it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import re
@@ -39,6 +40,7 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
         )
     config = AutoConfig.from_pretrained(path)
     spec = family_for(config)  # fails early, with the list of supported families
+    spec.check_config(config)
     # Pin the attention implementation transformers picks for this family, so every peer computes the same way.
     config._attn_implementation = spec.attn_implementation
     return config
@@ -102,15 +104,30 @@ class Checkpoint:
         return {name[len(prefix):]: tensor for name, tensor in self.read(names).items()}
 
 
+def checkpoint_names(checkpoint: Checkpoint, causal_lm_class: type, paths: list[str]) -> list[str]:
+    """Names of the checkpoint tensors of the modules at `paths` (e.g. `spec.block_path(i)`), before any conversion.
+
+    Checkpoints saved from the base model (e.g. GPT-2's own: "h.0.attn...", not "transformer.h.0.attn...") lack the
+    base model prefix; those names count too (transformers' loader adds the prefix back)."""
+    prefixes = tuple(path + "." for path in paths)
+    base = causal_lm_class.base_model_prefix + "."
+    bare = tuple(prefix[len(base):] for prefix in prefixes if prefix.startswith(base))
+    return checkpoint.names_with_prefix(*prefixes, *bare)
+
+
 def meta_model(spec: FamilySpec, config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
-    """The family's whole *ForCausalLM on the meta device: module structure and names, no memory."""
+    """The family's whole *ForCausalLM on the meta device: module structure and names, no memory.
+
+    Built from a copy of the config: transformers' constructor resolves implementation choices (attention, MoE
+    experts) into the config it is given, and the caller's config must stay as loaded."""
     with torch.device("meta"):
-        model = spec.causal_lm_class(config)
+        model = spec.causal_lm_class(copy.deepcopy(config))
     return model.to(dtype=dtype).eval()
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def no_progress_bars():
+    """transformers' own progress bars off for a while (they would fill server logs), restored after."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -132,9 +149,9 @@ def fill_modules(model: PreTrainedModel, paths: list[str], checkpoint: Checkpoin
     from transformers.modeling_utils import LoadStateDictConfig
 
     prefixes = tuple(path + "." for path in paths)
-    tensors = checkpoint.read(checkpoint.names_with_prefix(*prefixes))
+    tensors = checkpoint.read(checkpoint_names(checkpoint, type(model), paths))
     load_config = LoadStateDictConfig(device_map={"": "cpu"}, weight_mapping=get_model_conversion_mapping(model))
-    with _no_progress_bars():
+    with no_progress_bars():
         info, _ = convert_and_load_state_dict_in_model(model, tensors, load_config)
     del tensors
     if info.mismatched_keys:

@@ -73,27 +73,6 @@ def _fetch_gguf(progress: bool) -> Path:
 
 def _convert(gguf_path: Path, target: Path, progress: bool) -> None:
     """GGUF -> float32 safetensors + tokenizer files, written atomically (a half-written folder never counts)."""
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from corolla.models.gguf import convert_gguf
 
-    steps = tqdm(total=3, desc="Converting SmolLM2 GGUF to safetensors", disable=not progress, unit="step")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    steps.update()
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    steps.update()
-    if getattr(model, "hf_quantizer", None) is not None:
-        # transformers refuses to save a model it still marks as gguf-quantized; the tensors are already plain floats.
-        model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    steps.update()
-    steps.close()
+    convert_gguf(gguf_path, target, progress=progress)

@@ -16,7 +16,8 @@ from transformers import Gemma2ForCausalLM, Gemma3ForCausalLM, PretrainedConfig
 from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer, Gemma2RotaryEmbedding
 from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer, Gemma3RotaryEmbedding
 
-from corolla.models.rotary import rotary_helpers, rotary_span_runner
+from corolla.errors import UnsupportedModelError
+from corolla.models.rotary import check_layer_types, rotary_family
 from corolla.models.spec import FamilySpec, lm_head_logits, register
 
 
@@ -30,25 +31,32 @@ def softcapped_logits(config: PretrainedConfig, parts: dict[str, nn.Module], spe
     return logits
 
 
+def check_gemma3_text(config: PretrainedConfig) -> None:
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError("this gemma3_text config uses bidirectional attention (an embedding model such "
+                                    "as EmbeddingGemma); Corolla serves causal language models only")
+    check_layer_types(config)
+
+
 GEMMA2 = register(
-    FamilySpec(
+    rotary_family(
         model_types=("gemma2",),
         causal_lm_class=Gemma2ForCausalLM,
         block_class=Gemma2DecoderLayer,
-        run_span=rotary_span_runner(),
-        make_span_helpers=rotary_helpers(Gemma2RotaryEmbedding),
+        rotary_class=Gemma2RotaryEmbedding,
         head=softcapped_logits,
         attn_implementation="eager",
     )
 )
 
 GEMMA3_TEXT = register(
-    FamilySpec(
+    rotary_family(
         model_types=("gemma3_text",),
         causal_lm_class=Gemma3ForCausalLM,
         block_class=Gemma3DecoderLayer,
-        run_span=rotary_span_runner(rotary_per_layer_type=True),
-        make_span_helpers=rotary_helpers(Gemma3RotaryEmbedding),
+        rotary_class=Gemma3RotaryEmbedding,
+        rotary_per_layer_type=True,
         head=softcapped_logits,
+        check_config=check_gemma3_text,
     )
 )

@@ -8,17 +8,14 @@ from __future__ import annotations
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from corolla.models.rotary import rotary_helpers, rotary_span_runner
-from corolla.models.spec import FamilySpec, register
-
-run_rotary_span = rotary_span_runner()
+from corolla.models.rotary import rotary_family
+from corolla.models.spec import register
 
 LLAMA = register(
-    FamilySpec(
+    rotary_family(
         model_types=("llama",),
         causal_lm_class=LlamaForCausalLM,
         block_class=LlamaDecoderLayer,
-        run_span=run_rotary_span,
-        make_span_helpers=rotary_helpers(LlamaRotaryEmbedding),
+        rotary_class=LlamaRotaryEmbedding,
     )
 )

@@ -11,25 +11,23 @@ from transformers import MistralForCausalLM, MixtralForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
 from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRotaryEmbedding
 
-from corolla.models.rotary import rotary_helpers, rotary_span_runner
-from corolla.models.spec import FamilySpec, register
+from corolla.models.rotary import rotary_family
+from corolla.models.spec import register
 
 MISTRAL = register(
-    FamilySpec(
+    rotary_family(
         model_types=("mistral",),
         causal_lm_class=MistralForCausalLM,
         block_class=MistralDecoderLayer,
-        run_span=rotary_span_runner(),
-        make_span_helpers=rotary_helpers(MistralRotaryEmbedding),
+        rotary_class=MistralRotaryEmbedding,
     )
 )
 
 MIXTRAL = register(
-    FamilySpec(
+    rotary_family(
         model_types=("mixtral",),
         causal_lm_class=MixtralForCausalLM,
         block_class=MixtralDecoderLayer,
-        run_span=rotary_span_runner(),
-        make_span_helpers=rotary_helpers(MixtralRotaryEmbedding),
+        rotary_class=MixtralRotaryEmbedding,
     )
 )

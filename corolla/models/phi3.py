@@ -5,15 +5,14 @@ from __future__ import annotations
 from transformers import Phi3ForCausalLM
 from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3RotaryEmbedding
 
-from corolla.models.rotary import rotary_helpers, rotary_span_runner
-from corolla.models.spec import FamilySpec, register
+from corolla.models.rotary import rotary_family
+from corolla.models.spec import register
 
 PHI3 = register(
-    FamilySpec(
+    rotary_family(
         model_types=("phi3",),
         causal_lm_class=Phi3ForCausalLM,
         block_class=Phi3DecoderLayer,
-        run_span=rotary_span_runner(),
-        make_span_helpers=rotary_helpers(Phi3RotaryEmbedding),
+        rotary_class=Phi3RotaryEmbedding,
     )
 )

@@ -12,35 +12,32 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Rot
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeRotaryEmbedding
 
-from corolla.models.rotary import rotary_helpers, rotary_span_runner
-from corolla.models.spec import FamilySpec, register
+from corolla.models.rotary import rotary_family
+from corolla.models.spec import register
 
 QWEN2 = register(
-    FamilySpec(
+    rotary_family(
         model_types=("qwen2",),
         causal_lm_class=Qwen2ForCausalLM,
         block_class=Qwen2DecoderLayer,
-        run_span=rotary_span_runner(),
-        make_span_helpers=rotary_helpers(Qwen2RotaryEmbedding),
+        rotary_class=Qwen2RotaryEmbedding,
     )
 )
 
 QWEN3 = register(
-    FamilySpec(
+    rotary_family(
         model_types=("qwen3",),
         causal_lm_class=Qwen3ForCausalLM,
         block_class=Qwen3DecoderLayer,
-        run_span=rotary_span_runner(),
-        make_span_helpers=rotary_helpers(Qwen3RotaryEmbedding),
+        rotary_class=Qwen3RotaryEmbedding,
     )
 )
 
 QWEN3_MOE = register(
-    FamilySpec(
+    rotary_family(
         model_types=("qwen3_moe",),
         causal_lm_class=Qwen3MoeForCausalLM,
         block_class=Qwen3MoeDecoderLayer,
-        run_span=rotary_span_runner(),
-        make_span_helpers=rotary_helpers(Qwen3MoeRotaryEmbedding),
+        rotary_class=Qwen3MoeRotaryEmbedding,
     )
 )

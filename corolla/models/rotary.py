@@ -17,7 +17,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from corolla.errors import UnsupportedModelError
-from corolla.models.spec import SpanInputs, SpanRunner
+from corolla.models.spec import FamilySpec, SpanInputs, SpanRunner
 
 # transformers' mask builder for each attention layer type (as its *Model.forward maps them).
 MASK_BUILDERS = {
@@ -82,11 +82,22 @@ def rotary_span_runner(rotary_per_layer_type: bool = False) -> SpanRunner:
     return run_rotary_span
 
 
+def check_layer_types(config: PretrainedConfig) -> None:
+    layer_types(config)
+
+
 def rotary_helpers(rotary_class: type) -> Callable[[PretrainedConfig], dict[str, nn.Module]]:
     """Span helpers of a rotary family: its rotary embedding module (buffers computed from the config)."""
 
     def make(config: PretrainedConfig) -> dict[str, nn.Module]:
-        layer_types(config)  # fails at load time, not at the first step, on layer types we cannot run
         return {"rotary": rotary_class(config=config)}
 
     return make
+
+
+def rotary_family(*, rotary_class: type, rotary_per_layer_type: bool = False, **fields) -> FamilySpec:
+    """A FamilySpec for a rotary family: this module's runner, its rotary embedding as span helper, and a check
+    that every layer type has a mask builder. `fields` are the other FamilySpec fields."""
+    fields.setdefault("check_config", check_layer_types)
+    return FamilySpec(run_span=rotary_span_runner(rotary_per_layer_type),
+                      make_span_helpers=rotary_helpers(rotary_class), **fields)

@@ -69,6 +69,10 @@ def no_helpers(config: PretrainedConfig) -> dict[str, nn.Module]:
     return {}
 
 
+def accept_config(config: PretrainedConfig) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """One model family, described by data; the decoder layers are transformers' own classes."""
@@ -93,6 +97,9 @@ class FamilySpec:
     # The attention implementation every peer uses: what transformers picks by default for this family
     # ("sdpa" where supported; "eager" where sdpa would be wrong, e.g. logit soft-capping or ALiBi added to scores).
     attn_implementation: str = "sdpa"
+    # Raises UnsupportedModelError for configs of this model_type that the spec cannot run exactly (checked when
+    # the model directory is opened, by servers and clients alike).
+    check_config: Callable[[PretrainedConfig], None] = accept_config
 
     @property
     def client_paths(self) -> tuple[str, ...]:

@@ -129,16 +129,18 @@ class Scheduler:
         longest = max(lengths)
         stacked = self.backend.new_cache()
         for layer_index in range(start, end):
-            keys, values = [], []
-            for work, length in zip(batch, lengths):
-                layer = work.inputs.cache.layers[layer_index]
-                pad = longest - length  # left padding, so the new token lands in the same column for everyone
-                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)))
-                values.append(torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
+            layers = [work.inputs.cache.layers[layer_index] for work in batch]
+            if all(length == longest for length in lengths):  # common case, no padding to add
+                keys, values = [layer.keys for layer in layers], [layer.values for layer in layers]
+            else:  # left padding, so the new token lands in the same column for everyone
+                keys = [torch.nn.functional.pad(layer.keys, (0, 0, longest - length, 0))
+                        for layer, length in zip(layers, lengths)]
+                values = [torch.nn.functional.pad(layer.values, (0, 0, longest - length, 0))
+                          for layer, length in zip(layers, lengths)]
             stacked.update(torch.cat(keys), torch.cat(values), layer_index)
-        mask = torch.cat([torch.cat([torch.zeros(size, longest - length, dtype=torch.int64),
-                                     torch.ones(size, length + 1, dtype=torch.int64)], dim=1)
-                          for size, length in zip(sizes, lengths)])
+        mask = None if all(length == longest for length in lengths) else torch.cat(
+            [torch.cat([torch.zeros(size, longest - length, dtype=torch.int64),
+                        torch.ones(size, length + 1, dtype=torch.int64)], dim=1) for size, length in zip(sizes, lengths)])
         inputs = SpanInputs(hidden=torch.cat([work.inputs.hidden for work in batch]),
                             position_ids=torch.cat([work.inputs.position_ids for work in batch]),
                             attention_mask=mask, cache=stacked)
@@ -147,9 +149,10 @@ class Scheduler:
         offsets = [sum(sizes[:i]) for i in range(len(batch))]
         for layer_index in range(start, end):
             layer = stacked.layers[layer_index]
-            for work, offset, size in zip(batch, offsets, sizes):
-                rows = slice(offset, offset + size)
-                work.inputs.cache.update(layer.keys[rows, :, -1:], layer.values[rows, :, -1:], layer_index)
+            new_keys = layer.keys[:, :, -1:].split(sizes)
+            new_values = layer.values[:, :, -1:].split(sizes)
+            for work, key, value in zip(batch, new_keys, new_values):
+                work.inputs.cache.update(key, value, layer_index)
         return [output[offset:offset + size] for offset, size in zip(offsets, sizes)]
 
     def shutdown(self) -> None:
