@@ -94,6 +94,44 @@ def cmd_demo(args) -> None:
              workdir=args.workdir, serve=args.serve, api_port=args.api_port)
 
 
+def cmd_servers(args) -> None:
+    """One `corolla server` process per device, all joining the same swarm; stopped together on Ctrl-C."""
+    import tempfile
+    import threading
+
+    from corolla.launch import LocalSwarm
+
+    devices = args.devices
+    if devices is None:
+        import torch
+
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if not devices:
+            raise CorollaError("no CUDA GPU is visible; name the devices with --devices (e.g. --devices cpu cpu)")
+    server_args = args.passthrough
+    if any(a == "--device" or a.startswith("--device=") for a in server_args):
+        raise CorollaError("give devices with --devices, not --device in the server options")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="corolla-servers-")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalSwarm(workdir) as swarm:
+        processes = [swarm.start_server(args.model, None, f"server{i}-{device.replace(':', '')}",
+                                        ["--device", device, *server_args], wait=False)
+                     for i, device in enumerate(devices)]
+        for process in processes:
+            line = swarm.wait_for_line(process, "ready:", timeout=args.timeout)
+            print(f"{process.name}: {line}", flush=True)
+        print(f"{len(processes)} servers running (logs in {workdir}); Ctrl-C stops them all", flush=True)
+        while not stop.wait(1.0):
+            for process in processes:
+                if not process.alive():
+                    print(f"{process.name} exited (code {process.popen.returncode}); see {process.log_path}",
+                          flush=True)
+                    stop.set()
+        print("stopping servers ...", flush=True)
+
+
 def cmd_fetch_model(args) -> None:
     from corolla.models.embedded import ensure_embedded_model
 
@@ -139,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--api-port", type=int, default=0, help="HTTP port of the API (default: any free port)")
     demo.set_defaults(run=cmd_demo)
 
+    servers = commands.add_parser("servers", help="start one server per local GPU (or per --devices entry), all "
+                                                  "joining the same swarm")
+    servers.add_argument("model", help="local Hugging Face-format model directory")
+    servers.add_argument("--devices", nargs="+", default=None, help="devices, one server each (default: every "
+                                                                    "visible CUDA GPU), e.g. cuda:0 cuda:1")
+    servers.add_argument("--workdir", default=None, help="where the servers' logs go (default: a temporary folder)")
+    servers.add_argument("--timeout", type=float, default=600, help="seconds to wait for each server to be ready")
+    servers.epilog = "Options after -- go to every `corolla server`, e.g. -- --initial-peers ADDR --num-blocks 8"
+    servers.set_defaults(run=cmd_servers)
+
     _add_optional_commands(commands)
 
     fetch = commands.add_parser("fetch-model", help="fetch and convert the embedded model; print its directory")
@@ -147,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []  # for `corolla servers ... -- SERVER OPTIONS`
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
+    args.passthrough = passthrough
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("hivemind", "transformers"):

@@ -83,7 +83,9 @@ class LocalSwarm:
 
     def start_server(self, model: str | Path, blocks: tuple[int, int] | None, name: str,
                      extra_args: list[str] = (), wait: bool = True, timeout: float = 120) -> Process:
-        args = ["server", str(model), "--initial-peers", *self.initial_peers, "--host", "127.0.0.1"]
+        args = ["server", str(model), "--host", "127.0.0.1"]
+        if self.initial_peers:
+            args += ["--initial-peers", *self.initial_peers]
         if blocks is not None:
             args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
         process = self._spawn(name, args + list(extra_args))

@@ -86,3 +86,31 @@ def test_demo_stops_every_process_on_ctrl_c(tmp_path):
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait(10)
+
+
+def test_one_command_starts_a_server_per_device(local_swarm, models_dir, tmp_path):
+    from tiny_models import make_tiny_llama
+
+    path = make_tiny_llama(models_dir / "tiny-multi", num_layers=5, seed=6)
+    peers = local_swarm.start_dht()
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "corolla.cli", "servers", str(path), "--devices", "cpu", "cpu", "--workdir",
+         str(tmp_path), "--", "--initial-peers", *peers, "--num-blocks", "3", "--num-threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = ""
+        deadline = time.monotonic() + 180
+        while "servers running" not in output:
+            assert time.monotonic() < deadline and launcher.poll() is None, output
+            output += launcher.stdout.readline()
+        view = swarm_view(peers, path, "tiny-multi")
+        assert sorted((r.start_block, r.end_block) for r in view.values()) == [(0, 3), (2, 5)]
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        os.kill(launcher.pid, signal.SIGTERM)
+        launcher.communicate(timeout=60)
+        gone, alive = psutil.wait_procs(children, timeout=20)
+        assert launcher.returncode == 0 and not alive
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(10)

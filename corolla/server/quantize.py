@@ -36,7 +36,7 @@ def _bitsandbytes(block: nn.Module, quant: str, device: torch.device, dtype: tor
         raise CorollaError(f"--quant {quant} needs the bitsandbytes package (pip install bitsandbytes): {e}") from e
     for parent in list(block.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
+            if not isinstance(child, nn.Linear):  # (Falcon's FalconLinear is a subclass; MoE experts are not Linear)
                 continue
             if quant == "int8":
                 quantized = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,

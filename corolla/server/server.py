@@ -16,8 +16,8 @@ import torch
 
 import corolla
 from corolla.errors import CorollaError
-from corolla.models.checkpoint import (DTYPES, Checkpoint, config_dtype, load_blocks, load_config, make_span_helpers,
-                                       model_id)
+from corolla.models.checkpoint import (DTYPES, Checkpoint, checkpoint_names, config_dtype, load_blocks, load_config,
+                                       make_span_helpers, model_id)
 from corolla.models.embedded import cache_dir
 from corolla.models.spec import family_for
 from corolla.net.directory import read_servers
@@ -84,7 +84,7 @@ class Server:
     def _default_num_blocks(self) -> int:
         """As many blocks as fit the device's free memory, after the attention-cache budget."""
         checkpoint = Checkpoint(self.config.model)
-        names = checkpoint.names_with_prefix(self.spec.block_prefix.format(index=0))
+        names = checkpoint_names(checkpoint, self.spec.causal_lm_class, [self.spec.block_path(0)])
         per_block = sum(t.numel() for t in checkpoint.read(names).values()) * torch.empty((), dtype=self.dtype).element_size()
         if self.config.quant != "none":
             per_block //= 4 if self.config.quant == "int8" else 7
