@@ -48,6 +48,9 @@ class RemoteSessionCache(Cache):
     def is_sliding(self) -> list[bool]:
         return [False]
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.session.reorder(beam_idx)
+
     def crop(self, max_length: int) -> None:
         # Rolling back is free: the next step starts at the shorter position and servers drop what follows.
         self.session.position = max_length if max_length >= 0 else self.session.position + max_length

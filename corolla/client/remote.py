@@ -161,6 +161,7 @@ class InferenceSession:
         self._step_ids = 0
         self.closed = False
         self.failed_servers: list[str] = []  # peer ids that failed during this session, in order
+        self._reorder: torch.Tensor | None = None  # beam-search row order for the servers' caches, sent with the next step
 
     @property
     def _cache_tokens(self) -> int:
@@ -169,6 +170,19 @@ class InferenceSession:
     @property
     def route(self) -> list[Hop]:
         return [hop_session.hop for hop_session in self._hops]
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Beam search: row i of every cache becomes the old row order[i]. Applied here to the inputs kept for
+        replays at once, and on the servers with the next step."""
+        order = order.to(torch.int64).cpu()
+        if order.shape != (self.batch_size,):
+            raise CorollaError(f"reorder needs {self.batch_size} indices, got shape {tuple(order.shape)}")
+        for hop_session in self._hops:
+            if hop_session.history is not None:
+                hop_session.history = hop_session.history.index_select(0, order)
+        if self._positions is not None:
+            self._positions = self._positions.index_select(0, order)
+        self._reorder = order if self._reorder is None else self._reorder.index_select(0, order)
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
@@ -193,6 +207,7 @@ class InferenceSession:
             raise CorollaError(f"an inference step took longer than call_timeout="
                                f"{self.swarm.config.call_timeout:.0f} s; the session is closed") from None
         self._positions, self.position = inputs.positions, start + tokens
+        self._reorder = None
         return output
 
     async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
@@ -218,7 +233,7 @@ class InferenceSession:
                 else:
                     await self._ensure_open(hop_session)
                     await self._send_step(hop_session, progress.x, inputs.start, inputs.positions[:, inputs.start:],
-                                          inputs.attention_mask)
+                                          inputs.attention_mask, reorder=self._reorder)
                     output = await self._receive(hop_session, progress.x)
                     hop_session.history = self._with_history(hop_session, progress.x, inputs.start)
                     progress.advance(output)
@@ -246,7 +261,7 @@ class InferenceSession:
         progress.contacting = progress.index
         targets = [PushTarget(peer_id=h.hop.peer_id, session_id=h.session_id) for h in chain[1:]]
         await self._send_step(chain[0], progress.x, inputs.start, inputs.positions[:, inputs.start:],
-                              inputs.attention_mask, push_to=targets)
+                              inputs.attention_mask, push_to=targets, reorder=self._reorder)
         for hop_session in chain:
             reply_pushed, output = await self._receive(hop_session, progress.x, want_pushed=True)
             hop_session.history = self._with_history(hop_session, progress.x, inputs.start)
@@ -288,12 +303,13 @@ class InferenceSession:
 
     async def _send_step(self, hop_session: _HopSession, hidden: torch.Tensor, start: int,
                          position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         push_to: list[PushTarget] = ()) -> None:
+                         push_to: list[PushTarget] = (), reorder: torch.Tensor | None = None) -> None:
         try:
             await hop_session.stream.send(Step(step_id=self._step_ids, start=start,
                                                hidden=WireTensor.from_torch(hidden),
                                                position_ids=WireTensor.from_torch(position_ids),
-                                               attention_mask=_optional(attention_mask), push_to=list(push_to)))
+                                               attention_mask=_optional(attention_mask), push_to=list(push_to),
+                                               reorder=_optional(reorder)))
         except BaseException:
             hop_session.close()  # the stream may be out of sync now; a retry opens a new one
             raise

@@ -59,6 +59,8 @@ class Step(Message):
                                                                         "0 = padding; default all ones")
     push_to: list[PushTarget] = Field(default_factory=list, max_length=64,
                                       description="the rest of the chain: send the output to push_to[0]")
+    reorder: WireTensor | None = Field(default=None, description="[batch] int64: before this step, cached row i "
+                                                                 "becomes the old row reorder[i] (beam search)")
 
 
 @message_type("step_result")

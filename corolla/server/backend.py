@@ -17,10 +17,12 @@ class BlockBackend:
     """Blocks [start, end) of one model on one device."""
 
     def __init__(self, config: PretrainedConfig, spec: FamilySpec, blocks: list[nn.Module],
-                 helpers: dict[str, nn.Module], start: int, device: torch.device, dtype: torch.dtype):
+                 helpers: dict[str, nn.Module], start: int, device: torch.device, dtype: torch.dtype,
+                 prefill_chunk: int = 1024):
         self.config, self.spec, self.blocks, self.helpers = config, spec, blocks, helpers
         self.start, self.end = start, start + len(blocks)
         self.device, self.dtype = device, dtype
+        self.prefill_chunk = prefill_chunk  # longer inputs run in chunks through the cache: bounded attention memory
         if device.type == "cuda":
             # cuDNN's attention builds a new execution plan for every new key length, ~2.7 ms per layer on an H100:
             # every decode step has a new length. Flash / memory-efficient attention have no such cost.
@@ -30,6 +32,23 @@ class BlockBackend:
         return self.spec.make_cache(self.config)
 
     def run_sync(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
+        """Run blocks [start_block, end_block) on one request; inputs longer than `prefill_chunk` tokens go through
+        in chunks (a stateless forward gets a temporary cache), so no tokens x tokens attention matrix is built."""
+        tokens = inputs.hidden.shape[1]
+        if tokens <= self.prefill_chunk:
+            return self._run_once(start_block, end_block, inputs)
+        cache = inputs.cache if inputs.cache is not None else self.new_cache()
+        past = cache.get_seq_length(start_block) if inputs.cache is not None else 0
+        outputs = []
+        for begin in range(0, tokens, self.prefill_chunk):
+            end = min(begin + self.prefill_chunk, tokens)
+            mask = None if inputs.attention_mask is None else inputs.attention_mask[:, :past + end]
+            chunk = SpanInputs(hidden=inputs.hidden[:, begin:end], position_ids=inputs.position_ids[:, begin:end],
+                               attention_mask=mask, cache=cache)
+            outputs.append(self._run_once(start_block, end_block, chunk))
+        return torch.cat(outputs, dim=1)
+
+    def _run_once(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
         wire_dtype = inputs.hidden.dtype
         on_device = replace(
             inputs,

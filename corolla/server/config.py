@@ -21,9 +21,12 @@ class ServerConfig:
     public_name: str = field(default="", metadata={"help": "a name for this server shown on swarm maps"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     cache_tokens: int = field(default=32768, metadata={"help": "attention-cache budget, in tokens over all sessions"})
-    max_session_length: int = field(default=8192, metadata={"help": "most tokens one session may hold"})
+    max_session_length: int | None = field(default=None, metadata={"help": "most tokens one session may hold "
+                                                                           "(default: the model's maximum length)"})
+    prefill_chunk_tokens: int = field(default=1024, metadata={"help": "longer prompts are run in chunks of this many "
+                                                                      "tokens (bounds attention memory)"})
     max_batch_size: int = field(default=64, metadata={"help": "most sequences in one request"})
-    max_step_tokens: int = field(default=8192, metadata={"help": "most new tokens (batch x length) in one step"})
+    max_step_tokens: int = field(default=65536, metadata={"help": "most new tokens (batch x length) in one step"})
     session_idle_timeout: float = field(default=300.0, metadata={"help": "seconds a session may stay silent"})
     rebalance_period: float = field(default=120.0, metadata={"help": "seconds between checks whether moving to "
                                                                      "other blocks would help the swarm (0 = never); "

@@ -61,7 +61,7 @@ def _hidden(tensor: WireTensor, backend: BlockBackend, limits: Limits, batch_siz
     return tensor.to_torch("hidden")
 
 
-def _int_tensor(tensor: WireTensor | None, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
+def _int_tensor(tensor: WireTensor | None, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
     if tensor is None:
         return None
     if tensor.dtype not in ("int64", "int32", "bool", "uint8"):
@@ -69,6 +69,16 @@ def _int_tensor(tensor: WireTensor | None, name: str, shape: tuple[int, int]) ->
     if tuple(tensor.shape) != shape:
         raise BadRequestError(f"{name}: expected shape {list(shape)}, got {list(tensor.shape)}")
     return tensor.to_torch(name).to(torch.int64)
+
+
+def parse_reorder(step: Step, session: Session) -> torch.Tensor | None:
+    """The beam-search row order of a step, checked: one index per sequence, each in [0, batch)."""
+    if step.reorder is None:
+        return None
+    order = _int_tensor(step.reorder, "reorder", (session.batch_size,))
+    if bool(((order < 0) | (order >= session.batch_size)).any()):
+        raise BadRequestError(f"reorder: indices must be in [0, {session.batch_size}), got {order.tolist()}")
+    return order
 
 
 def parse_step(step: Step, session: Session, backend: BlockBackend, limits: Limits) -> SpanInputs:
@@ -216,6 +226,7 @@ class Handlers:
                 continue
             try:
                 inputs = parse_step(message, session, self.backend, self.limits)
+                reorder = parse_reorder(message, session)
             except BadRequestError as e:
                 await _reply_error(stream, e)
                 continue
@@ -226,6 +237,8 @@ class Handlers:
                 await _reply_error(stream, e)
                 continue
             session.rewind(message.start)
+            if reorder is not None:
+                session.cache.reorder_cache(reorder.to(self.backend.device))
             try:
                 if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
                     raise RuntimeError("failure injected for testing (--debug-fail-file)")

@@ -115,14 +115,16 @@ class Server:
         blocks = load_blocks(self.config.model, self.model_config, start, end, load_device, self.dtype)
         blocks = quantize_blocks(blocks, self.config.quant, self.device, self.dtype)
         helpers = make_span_helpers(self.spec, self.model_config, self.device, self.dtype)
-        backend = BlockBackend(self.model_config, self.spec, blocks, helpers, start, self.device, self.dtype)
+        backend = BlockBackend(self.model_config, self.spec, blocks, helpers, start, self.device, self.dtype,
+                               prefill_chunk=self.config.prefill_chunk_tokens)
         cache_file = Path(self.config.throughput_cache or cache_dir() / "throughput.json")
         key = f"{self.model_id}|{self.device}|{torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu'}" \
               f"|{self.dtype}|{self.config.quant}|threads={torch.get_num_threads()}"
         throughput = cached_measure(backend, cache_file, key)
         logger.info("blocks %d:%d loaded: %.1f MiB, %.1f decode tokens/s for the span", start, end,
                     sum(block_bytes(b) for b in blocks) / 2**20, throughput.for_span(end - start)[0])
-        limits = Limits(max_session_length=self.config.max_session_length, max_batch_size=self.config.max_batch_size,
+        max_length = self.config.max_session_length or getattr(self.model_config, "max_position_embeddings", None) or 8192
+        limits = Limits(max_session_length=max_length, max_batch_size=self.config.max_batch_size,
                         max_step_tokens=self.config.max_step_tokens,
                         session_idle_timeout=self.config.session_idle_timeout,
                         link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file)
