@@ -18,5 +18,9 @@ class ClientConfig:
     ping_timeout: float = 2.0  # seconds to wait for a ping answer; a server that does not answer is skipped
     rtt_refresh_period: float = 30.0  # seconds a measured round-trip time is reused
     use_push: bool = True  # servers pass activations straight to the next server (one client round trip a token)
+    check_outputs: bool = False  # re-run a random share of steps on other servers and compare (catches liars)
+    check_share: float = 0.1  # with check_outputs: the share of (step, server) outputs that are re-run
+    check_tolerance: float = 1e-2  # max difference, relative to the output's magnitude, between two servers
+    check_strikes: int = 2  # unconfirmed disagreements before a server is blocked (2 checkers agreeing: at once)
     allowed_servers: tuple[str, ...] | None = None  # peer ids the client may use (None = any)
     blocked_servers: tuple[str, ...] = ()  # peer ids the client must not use

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from corolla.client.checking import OutputChecker, OutputMismatch
 from corolla.client.routing import Hop
 from corolla.client.swarm import SwarmClient
 from corolla.errors import CorollaError, MissingBlocksError, RemoteError
@@ -162,6 +163,10 @@ class InferenceSession:
         self.closed = False
         self.failed_servers: list[str] = []  # peer ids that failed during this session, in order
         self._reorder: torch.Tensor | None = None  # beam-search row order for the servers' caches, sent with the next step
+        config = swarm.config
+        self.checker = OutputChecker(swarm, RemoteSequence(swarm)._call,
+                                     config.check_share if config.check_outputs else 0.0, config.check_tolerance,
+                                     config.check_strikes)
 
     @property
     def _cache_tokens(self) -> int:
@@ -228,6 +233,7 @@ class InferenceSession:
                     await self._ensure_open(hop_session)
                     await self._send_step(hop_session, full, 0, inputs.positions, inputs.attention_mask)
                     replay = await self._receive(hop_session, full)
+                    await self._maybe_check(hop_session, full, inputs, replay[:, inputs.start:])
                     hop_session.history, hop_session.needs_replay = full, False
                     progress.advance(replay[:, inputs.start:])
                 else:
@@ -235,9 +241,11 @@ class InferenceSession:
                     await self._send_step(hop_session, progress.x, inputs.start, inputs.positions[:, inputs.start:],
                                           inputs.attention_mask, reorder=self._reorder)
                     output = await self._receive(hop_session, progress.x)
-                    hop_session.history = self._with_history(hop_session, progress.x, inputs.start)
+                    full = self._with_history(hop_session, progress.x, inputs.start)
+                    await self._maybe_check(hop_session, full, inputs, output)
+                    hop_session.history = full
                     progress.advance(output)
-            except (_RetryableRemoteError, *_RECOVERABLE) as e:
+            except (_RetryableRemoteError, OutputMismatch, *_RECOVERABLE) as e:
                 # The hop that failed: the one being run, or one further down a push chain being opened (then the
                 # hops before it have not run this step yet, and still will, from progress.index).
                 failed_index = progress.contacting
@@ -246,6 +254,12 @@ class InferenceSession:
                 await _no_replacement_names(failed.hop, e, self._reroute(failed_index))
                 progress.contacting = progress.index
         return progress.x
+
+    async def _maybe_check(self, hop_session: _HopSession, full_input: torch.Tensor, inputs: _StepInputs,
+                           output: torch.Tensor) -> None:
+        if self.checker.should_check():
+            await self.checker.check(hop_session.hop, full_input, inputs.positions, inputs.attention_mask,
+                                     inputs.start, output)
 
     def _can_push(self, index: int) -> bool:
         rest = self._hops[index:]
@@ -264,7 +278,9 @@ class InferenceSession:
                               inputs.attention_mask, push_to=targets, reorder=self._reorder)
         for hop_session in chain:
             reply_pushed, output = await self._receive(hop_session, progress.x, want_pushed=True)
-            hop_session.history = self._with_history(hop_session, progress.x, inputs.start)
+            full = self._with_history(hop_session, progress.x, inputs.start)
+            await self._maybe_check(hop_session, full, inputs, output)
+            hop_session.history = full
             progress.advance(output)
             if not reply_pushed:
                 return  # the next server did not get it: the caller continues hop by hop from here

@@ -34,6 +34,7 @@ class SwarmClient:
         self._servers: list[PeerRecord] = []
         self._fetched_at = -float("inf")
         self._bans: dict[str, _Ban] = {}
+        self.blocked: dict[str, str] = {}  # peer id -> why it is never used again (e.g. wrong outputs); reported
         self._rtts: dict[str, tuple[float, float]] = {}  # peer -> (round-trip seconds, measured at)
         self._closed = False
         try:
@@ -66,14 +67,21 @@ class SwarmClient:
         self._bans[peer_id] = _Ban(until=time.monotonic() + length, length=length, at=time.time())
         logger.warning("not using server %s for %.0f s", peer_id, length)
 
-    def _route_filter(self, servers: list[PeerRecord], min_cache_tokens: int) -> RouteFilter:
+    def block(self, peer_id: str, reason: str) -> None:
+        """Never use this server again (for this client's lifetime), and report it."""
+        if peer_id not in self.blocked:
+            self.blocked[peer_id] = reason
+            logger.error("server %s is blocked and reported: %s", peer_id, reason)
+
+    def route_filter(self, servers: list[PeerRecord], min_cache_tokens: int) -> RouteFilter:
         now = time.monotonic()
         restarted = {s.peer_id for s in servers
                      if s.peer_id in self._bans and s.record.started_at > self._bans[s.peer_id].at}
         for peer_id in restarted:  # a server that came back (same peer id) since we banned it gets a new chance
             logger.info("server %s restarted; using it again", peer_id)
             del self._bans[peer_id]
-        banned = {peer for peer, ban in self._bans.items() if ban.until > now} | set(self.config.blocked_servers)
+        banned = ({peer for peer, ban in self._bans.items() if ban.until > now} | set(self.config.blocked_servers)
+                  | set(self.blocked))
         allowed = frozenset(self.config.allowed_servers) if self.config.allowed_servers is not None else None
         return RouteFilter(banned=frozenset(banned), allowed=allowed, min_cache_tokens=min_cache_tokens)
 
@@ -107,10 +115,10 @@ class SwarmClient:
         refresh = False
         while True:
             servers = await self.servers(refresh=refresh)
-            route_filter = self._route_filter(servers, min_cache_tokens)
+            route_filter = self.route_filter(servers, min_cache_tokens)
             if purpose == "inference":
                 rtts = await self._measure_rtts(servers, route_filter)
-                route_filter = self._route_filter(servers, min_cache_tokens)  # pings may have banned some
+                route_filter = self.route_filter(servers, min_cache_tokens)  # pings may have banned some
                 route = plan_fastest_route(servers, start, end, rtts, route_filter)
             else:
                 route = plan_balanced_route(servers, start, end, route_filter)

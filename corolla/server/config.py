@@ -38,4 +38,6 @@ class ServerConfig:
                                                                  "message received and reply sent (a slow link)"})
     debug_fail_file: str | None = field(default=None, metadata={"help": "testing only: while this file exists, "
                                                                         "every inference step fails"})
+    debug_perturb_outputs: float = field(default=0.0, metadata={"help": "testing only: add Gaussian noise of this "
+                                                                        "std to every output (a lying server)"})
     wait_for_swarm: float = field(default=10.0, metadata={"help": "seconds to wait for the DHT when choosing blocks"})

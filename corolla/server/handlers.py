@@ -35,6 +35,7 @@ class Limits:
     open_timeout: float = 30.0
     link_delay: float = 0.0  # seconds; testing only: one-way latency added to every message received and reply sent
     fail_file: str | None = None  # testing only: while this file exists, steps fail
+    perturb: float = 0.0  # testing only: std of noise added to every output (a lying server)
 
 
 def _check_blocks(backend: BlockBackend, start: int, end: int) -> None:
@@ -249,7 +250,7 @@ class Handlers:
                 await _reply_error(stream, e, kind="internal")
                 return
             session.length = message.start + inputs.hidden.shape[1]
-            hidden = WireTensor.from_torch(output)
+            hidden = WireTensor.from_torch(self._perturbed(output))
             pushed = bool(message.push_to) and await self._push(session, message, hidden)
             await self._delay()  # emulated wide-area link, outbound (after the push: it has its own link)
             await stream.send(StepResult(step_id=message.step_id, hidden=hidden, pushed=pushed))
@@ -293,7 +294,12 @@ class Handlers:
             await _reply_error(stream, e, kind="internal")
             return
         await self._delay()
-        await stream.send(ForwardResult(hidden=WireTensor.from_torch(output)))
+        await stream.send(ForwardResult(hidden=WireTensor.from_torch(self._perturbed(output))))
+
+    def _perturbed(self, output: torch.Tensor) -> torch.Tensor:
+        if self.limits.perturb <= 0:
+            return output
+        return output + self.limits.perturb * torch.randn_like(output)
 
     async def _delay(self) -> None:
         if self.limits.link_delay > 0:

@@ -127,7 +127,8 @@ class Server:
         limits = Limits(max_session_length=max_length, max_batch_size=self.config.max_batch_size,
                         max_step_tokens=self.config.max_step_tokens,
                         session_idle_timeout=self.config.session_idle_timeout,
-                        link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file)
+                        link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file,
+                        perturb=self.config.debug_perturb_outputs)
         scheduler = Scheduler(backend, max_batch=self.config.max_batch_size)
         handlers = Handlers(backend, scheduler, self.model_id, self.cache, limits, node)
         return Serving(start, end, backend, scheduler, handlers, throughput)
