@@ -192,13 +192,17 @@ def _initialize_buffers(model: PreTrainedModel, module: nn.Module) -> None:
 
 
 def load_blocks(model_dir: str | Path, config: PretrainedConfig, start: int, end: int,
-                device: torch.device | str, dtype: torch.dtype) -> list[nn.Module]:
+                device: torch.device | str, dtype: torch.dtype, progress: bool = False) -> list[nn.Module]:
     """transformers' own decoder layers [start, end), filled with only their tensors."""
+    from tqdm import tqdm
+
     spec = family_for(config)
     checkpoint = Checkpoint(model_dir)
     model = meta_model(spec, config, dtype)
     blocks = []
-    for index in range(start, end):  # one block at a time: at most one block's tensors are in flight
+    indices = tqdm(range(start, end), desc=f"Loading blocks {start}:{end}", unit="block", disable=not progress,
+                   mininterval=0.5)
+    for index in indices:  # one block at a time: at most one block's tensors are in flight
         block = fill_modules(model, [spec.block_path(index)], checkpoint, device, dtype)[spec.block_path(index)]
         if not isinstance(block, spec.block_class):
             raise NotAModelError(f"{spec.block_path(index)} is a {type(block).__name__}, "

@@ -112,7 +112,7 @@ class Server:
 
     def _load(self, start: int, end: int, node: Node) -> Serving:
         load_device = "cpu" if self.config.quant != "none" else self.device
-        blocks = load_blocks(self.config.model, self.model_config, start, end, load_device, self.dtype)
+        blocks = load_blocks(self.config.model, self.model_config, start, end, load_device, self.dtype, progress=True)
         blocks = quantize_blocks(blocks, self.config.quant, self.device, self.dtype)
         helpers = make_span_helpers(self.spec, self.model_config, self.device, self.dtype)
         backend = BlockBackend(self.model_config, self.spec, blocks, helpers, start, self.device, self.dtype,
