@@ -59,3 +59,15 @@ def test_placement_fills_the_gap():
     assert choose_span(servers, 12, 4) == (4, 8)
     assert choose_span([], 12, 4) == (0, 4)
     assert choose_span(servers + [server("c", 4, 8, throughput=5.0)], 12, 12) == (0, 12)
+
+
+def test_push_routes_count_server_to_server_links():
+    servers = [server("a", 0, 4), server("b", 4, 8), server("b2", 4, 8)]
+    rtts = {"a": 0.01, "b": 0.01, "b2": 0.01}
+    # a measured its link to b as slow and to b2 as fast: with push, the chain goes a -> b2.
+    measured = {("a", "b"): 0.2, ("a", "b2"): 0.002}
+    assert plan_fastest_route(servers, 0, 8, rtts, push=True, server_rtts=measured)[1].peer_id == "b2"
+    measured = {("a", "b"): 0.002, ("a", "b2"): 0.2}
+    assert plan_fastest_route(servers, 0, 8, rtts, push=True, server_rtts=measured)[1].peer_id == "b"
+    # Without a measurement the link is estimated through the client: the server closer to the client wins.
+    assert plan_fastest_route(servers, 0, 8, {"a": 0.01, "b": 0.05, "b2": 0.02}, push=True)[1].peer_id == "b2"

@@ -58,42 +58,64 @@ def missing_ranges(servers: list[PeerRecord], start: int, end: int,
     return ranges
 
 
-def hop_cost(server: PeerRecord, blocks: int, rtts: dict[str, float]) -> float:
-    """Expected seconds for one decode step through `blocks` blocks of `server`."""
+def compute_cost(server: PeerRecord, blocks: int) -> float:
+    """Expected seconds of `server`'s compute for one decode step through `blocks` of its blocks."""
     span = max(server.record.end_block - server.record.start_block, 1)
-    compute = blocks / (max(server.record.throughput, 1e-6) * span)
-    return rtts.get(server.peer_id, UNMEASURED_RTT) + compute + HOP_OVERHEAD
+    return blocks / (max(server.record.throughput, 1e-6) * span) + HOP_OVERHEAD
 
 
 def plan_fastest_route(servers: list[PeerRecord], start: int, end: int, rtts: dict[str, float] | None = None,
-                       route_filter: RouteFilter = RouteFilter()) -> list[Hop] | None:
-    """Lowest expected latency chain covering [start, end); None if some block has no usable server."""
-    rtts = rtts or {}
+                       route_filter: RouteFilter = RouteFilter(), push: bool = False,
+                       server_rtts: dict[tuple[str, str], float] | None = None) -> list[Hop] | None:
+    """Lowest expected latency chain covering [start, end); None if some block has no usable server.
+
+    Without push every hop costs a client round trip. With push, activations go client -> s1 -> s2 -> ... ->
+    client: each link costs half a round trip, between servers as they measured it (`server_rtts[(a, b)]`,
+    announced in their records) or else estimated as going through the client."""
+    rtts, server_rtts = rtts or {}, server_rtts or {}
     usable = route_filter.usable(servers)
-    best: dict[int, float] = {start: 0.0}
-    came_from: dict[int, tuple[int, str]] = {}
-    queue = [(0.0, start)]
+
+    def link(previous: str | None, peer: str) -> float:
+        to_peer = rtts.get(peer, UNMEASURED_RTT)
+        if not push:
+            return to_peer
+        if previous is None:
+            return to_peer / 2
+        measured = server_rtts.get((previous, peer))
+        return measured / 2 if measured is not None else (rtts.get(previous, UNMEASURED_RTT) + to_peer) / 2
+
+    # Dijkstra over (block position, server that produced it); with push the path's cost depends on that server.
+    best: dict[tuple[int, str | None], float] = {(start, None): 0.0}
+    came_from: dict[tuple[int, str | None], tuple[int, str | None, str]] = {}
+    queue: list[tuple[float, int, str]] = [(0.0, start, "")]
+    finish: tuple[float, tuple[int, str | None]] | None = None
     while queue:
-        cost, position = heapq.heappop(queue)
+        cost, position, previous_key = heapq.heappop(queue)
+        previous = previous_key or None
+        if cost > best.get((position, previous), float("inf")):
+            continue
         if position == end:
-            break
-        if cost > best.get(position, float("inf")):
+            total = cost + (rtts.get(previous, UNMEASURED_RTT) / 2 if push and previous else 0.0)
+            if finish is None or total < finish[0]:
+                finish = (total, (position, previous))
             continue
         for server in usable:
             if not server.record.start_block <= position < server.record.end_block:
                 continue
             hop_end = min(server.record.end_block, end)
-            new_cost = cost + hop_cost(server, hop_end - position, rtts)
-            if new_cost < best.get(hop_end, float("inf")):
-                best[hop_end], came_from[hop_end] = new_cost, (position, server.peer_id)
-                heapq.heappush(queue, (new_cost, hop_end))
-    if end not in came_from and start != end:
-        return None
-    route, position = [], end
-    while position != start:
-        previous, peer_id = came_from[position]
-        route.append(Hop(peer_id, previous, position))
-        position = previous
+            state = (hop_end, server.peer_id if push else None)
+            new_cost = cost + link(previous, server.peer_id) + compute_cost(server, hop_end - position)
+            if new_cost < best.get(state, float("inf")):
+                best[state] = new_cost
+                heapq.heappush(queue, (new_cost, hop_end, server.peer_id if push else ""))
+                came_from[state] = (position, previous, server.peer_id)
+    if finish is None:
+        return None if start != end else []
+    route, state = [], finish[1]
+    while state != (start, None):
+        position, previous, peer = came_from[state]
+        route.append(Hop(peer, position, state[0]))
+        state = (position, previous)
     return route[::-1]
 
 

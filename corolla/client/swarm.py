@@ -119,7 +119,10 @@ class SwarmClient:
             if purpose == "inference":
                 rtts = await self._measure_rtts(servers, route_filter)
                 route_filter = self.route_filter(servers, min_cache_tokens)  # pings may have banned some
-                route = plan_fastest_route(servers, start, end, rtts, route_filter)
+                server_rtts = {(s.peer_id, peer): rtt for s in servers
+                               for peer, rtt in (getattr(s.record, "next_pings", None) or {}).items()}
+                route = plan_fastest_route(servers, start, end, rtts, route_filter, push=self.config.use_push,
+                                           server_rtts=server_rtts)
             else:
                 route = plan_balanced_route(servers, start, end, route_filter)
             if route is not None:
