@@ -3,9 +3,9 @@
 Handlers submit work and await a future; they never touch the device. Inference steps come before forward
 requests. Single-token decode steps of different sessions over the same blocks are run as one forward
 (continuous batching: sessions of different lengths together), each session keeping its own cache:
-their caches are stacked left-padded into a temporary one, a padding mask hides the pads, and each session's
-new key/value entries are appended to its own cache afterwards. The math per session is the same as alone
-(masked positions get exactly zero attention weight).
+their caches are stacked left-padded into a temporary one, a padding mask hides the pads, and afterwards each
+session's cache holds views of its rows of the result (its own entries, the new token's included). The math per
+session is the same as alone (masked positions get exactly zero attention weight).
 """
 
 from __future__ import annotations
@@ -145,14 +145,15 @@ class Scheduler:
                             position_ids=torch.cat([work.inputs.position_ids for work in batch]),
                             attention_mask=mask, cache=stacked)
         output = self.backend.run_sync(start, end, inputs)
-        # Each session's cache gets its own new entries (the last column of the stacked cache).
+        # Each session's cache becomes its rows of the stacked cache (views: no copies, no kernel launches). The
+        # next batched step stacks them again; a step alone appends to them as to any cache.
         offsets = [sum(sizes[:i]) for i in range(len(batch))]
         for layer_index in range(start, end):
             layer = stacked.layers[layer_index]
-            new_keys = layer.keys[:, :, -1:].split(sizes)
-            new_values = layer.values[:, :, -1:].split(sizes)
-            for work, key, value in zip(batch, new_keys, new_values):
-                work.inputs.cache.update(key, value, layer_index)
+            for work, offset, size, length in zip(batch, offsets, sizes, lengths):
+                own = work.inputs.cache.layers[layer_index]
+                own.keys = layer.keys[offset:offset + size, :, longest - length:]
+                own.values = layer.values[offset:offset + size, :, longest - length:]
         return [output[offset:offset + size] for offset, size in zip(offsets, sizes)]
 
     def shutdown(self) -> None:
