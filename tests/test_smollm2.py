@@ -38,6 +38,22 @@ def test_smollm2_swarm_matches_transformers(smol_swarm, smollm2):
         model.close()
 
 
+def test_prompt_lookup_keeps_greedy_output(smol_swarm, smollm2):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoDistributedModelForCausalLM.from_pretrained(smollm2, initial_peers=smol_swarm.initial_peers)
+    try:
+        text = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        plain = model.generate(ids, max_new_tokens=40, do_sample=False)
+        with model.inference_session(max_length=ids.shape[1] + 40 + 11) as session:
+            drafted = model.generate(ids, max_new_tokens=40, do_sample=False, prompt_lookup_num_tokens=10)
+            steps = session._step_ids
+        assert drafted.tolist() == plain.tolist()
+        assert steps < 40  # several tokens were accepted per round trip
+    finally:
+        model.close()
+
+
 def test_demo_prints_a_sensible_answer(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "corolla.cli", "demo", "--max-new-tokens", "24", "--workdir", str(tmp_path)],

@@ -51,9 +51,13 @@ class RemoteSessionCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.session.reorder(beam_idx)
 
-    def crop(self, max_length: int) -> None:
-        # Rolling back is free: the next step starts at the shorter position and servers drop what follows.
-        self.session.position = max_length if max_length >= 0 else self.session.position + max_length
+    def crop(self, tokens: int) -> None:
+        """transformers 5.x: crop(-n) drops the last n tokens (speculative decoding's rejected drafts); crop(0) is a
+        no-op. Rolling back is free: the next step starts at the shorter position and servers drop what follows."""
+        if tokens < 0:
+            self.session.position = max(0, self.session.position + tokens)
+        elif tokens > 0:  # older transformers: the length to keep
+            self.session.position = min(self.session.position, tokens)
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -165,6 +169,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             max_length = ids.shape[1] + config.max_new_tokens
         else:
             max_length = config.max_length
+        # Speculative decoding verifies drafts past the final length before rolling back to the accepted tokens.
+        if kwargs.get("prompt_lookup_num_tokens") or kwargs.get("assistant_model") is not None:
+            max_length += (kwargs.get("prompt_lookup_num_tokens") or config.num_assistant_tokens or 20) + 1
         expand = max(kwargs.get("num_beams") or config.num_beams or 1,
                      kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
         with self.inference_session(max_length=max_length, batch_size=ids.shape[0] * expand) as session:
