@@ -34,10 +34,7 @@ def main() -> None:
     rows = []
     with LocalSwarm(workdir / "swarm") as swarm:
         swarm.start_dht()
-        processes = [swarm.start_server(model_dir, span, f"server{i}", ["--num-threads", "1"], wait=False)
-                     for i, span in enumerate([(0, 4), (0, 4), (4, 8), (4, 8)])]
-        for process in processes:
-            swarm.wait_for_line(process, "ready:", timeout=180)
+        swarm.start_servers(model_dir, [(0, 4), (0, 4), (4, 8), (4, 8)], ["--num-threads", "1"])
         for name, config in [("checking off", ClientConfig()),
                              (f"checking on, share {share:g} (default)", ClientConfig(check_outputs=True))]:
             model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers,

@@ -11,7 +11,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -48,11 +47,7 @@ def main() -> None:
     for delay in args.delays:
         with LocalSwarm(workdir / f"swarm-{delay:g}") as swarm:
             swarm.start_dht()
-            processes = [swarm.start_server(model_dir, span, f"server{i}",
-                                            ["--num-threads", "1", "--debug-delay-ms", str(delay)], wait=False)
-                         for i, span in enumerate(split_blocks(8, 3))]
-            for process in processes:
-                swarm.wait_for_line(process, "ready:", timeout=180)
+            swarm.start_servers(model_dir, split_blocks(8, 3), ["--num-threads", "1", "--debug-delay-ms", str(delay)])
             measured = {}
             for use_push in (False, True):
                 model = AutoDistributedModelForCausalLM.from_pretrained(

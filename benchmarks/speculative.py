@@ -48,11 +48,7 @@ def main() -> None:
     for delay in args.delays:
         with LocalSwarm(workdir / f"swarm-{delay:g}") as swarm:
             swarm.start_dht()
-            processes = [swarm.start_server(model_dir, span, f"server{i}",
-                                            ["--num-threads", "1", "--debug-delay-ms", str(delay)], wait=False)
-                         for i, span in enumerate([(0, 15), (15, 30)])]
-            for process in processes:
-                swarm.wait_for_line(process, "ready:", timeout=180)
+            swarm.start_servers(model_dir, [(0, 15), (15, 30)], ["--num-threads", "1", "--debug-delay-ms", str(delay)])
             model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
             try:
                 for prompt in PROMPTS:

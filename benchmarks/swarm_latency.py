@@ -88,10 +88,7 @@ def main() -> None:
     for servers in args.servers:
         with LocalSwarm(workdir / f"swarm-{servers}") as swarm:
             swarm.start_dht()
-            processes = [swarm.start_server(model_dir, span, f"server{i}", ["--num-threads", "1"], wait=False)
-                         for i, span in enumerate(split_blocks(8, servers))]
-            for process in processes:
-                swarm.wait_for_line(process, "ready:", timeout=180)
+            swarm.start_servers(model_dir, split_blocks(8, servers), ["--num-threads", "1"])
             model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
             try:
                 ms, first, tokens = time_generation(model, input_ids, args.new_tokens, args.runs)

@@ -93,6 +93,15 @@ class LocalSwarm:
             self.wait_for_line(process, "ready:", timeout)
         return process
 
+    def start_servers(self, model: str | Path, spans: list[tuple[int, int]], extra_args: list[str] = (),
+                      timeout: float = 180) -> list[Process]:
+        """One server per span, started together (they load in parallel), returned once all are ready."""
+        processes = [self.start_server(model, span, f"server{i}", list(extra_args), wait=False)
+                     for i, span in enumerate(spans)]
+        for process in processes:
+            self.wait_for_line(process, "ready:", timeout)
+        return processes
+
     def stop(self, process: Process, timeout: float = 15) -> None:
         """SIGTERM to the process (it stops its own p2p daemon), then SIGKILL to its whole group if needed."""
         if process.alive():

@@ -44,11 +44,7 @@ def local_swarm(tmp_path, request):
 
 def start_swarm(swarm: LocalSwarm, model: Path, spans: list[tuple[int, int]], extra_args=()) -> list:
     swarm.start_dht()
-    processes = [swarm.start_server(model, span, f"server{i}", ["--num-threads", "1", *extra_args], wait=False)
-                 for i, span in enumerate(spans)]
-    for process in processes:
-        swarm.wait_for_line(process, "ready:", timeout=180)
-    return processes
+    return swarm.start_servers(model, spans, ["--num-threads", "1", *extra_args])
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 pass, up to the model's own maximum length; beam search through the swarm."""
 
 import threading
-import time
 
 import psutil
 import torch

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from conftest import start_swarm
 from corolla import AutoDistributedModelForCausalLM

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicLayer

@@ -23,7 +23,7 @@ from corolla.models.spec import family_for
 from corolla.net.directory import read_servers
 from corolla.net.messages import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, PUSH_PROTOCOL
 from corolla.net.node import MessageStream, NetworkConfig, Node
-from corolla.net.ping import serve_ping
+from corolla.net.ping import measure_rtt, serve_ping
 from corolla.net.records import ServerRecord, ServerState, block_key
 from corolla.server.backend import BlockBackend
 from corolla.server.cache import CacheManager
@@ -78,6 +78,7 @@ class Server:
         self.started_at = time.time()
         self.cache = CacheManager(config.cache_tokens)
         self.serving: Serving | None = None
+        self.next_pings: dict[str, float] = {}  # round trips to servers of the blocks after ours (for routing)
 
     # ---- choosing blocks --------------------------------------------------------------------------------------
 
@@ -143,7 +144,7 @@ class Server:
                             dtype=str(self.dtype).removeprefix("torch."), quant=self.config.quant,
                             cache_tokens_left=self.cache.tokens_left if state == ServerState.ONLINE else 0,
                             version=corolla.__version__, public_name=self.config.public_name,
-                            started_at=self.started_at)
+                            started_at=self.started_at, next_pings=self.next_pings)
 
     async def _announce(self, node: Node, state: ServerState) -> None:
         expiration = time.time() + 3 * self.config.announce_period
@@ -174,6 +175,21 @@ class Server:
         await self._announce(node, ServerState.JOINING)
         self.serving = await asyncio.to_thread(self._load, start, end, node)
         await self._announce(node, ServerState.ONLINE)
+
+    async def _measure_next_pings(self, node: Node, limit: int = 8) -> None:
+        """Round trips to the servers that can take over where our span ends: clients use them to estimate a
+        chain's latency when servers push activations to each other."""
+        servers = await read_servers(node, self.model_id, self.num_blocks)
+        nexts = [s.peer_id for s in servers if s.peer_id != node.peer_id and s.record.state == ServerState.ONLINE
+                 and s.record.start_block <= self.end < s.record.end_block][:limit]
+
+        async def ping(peer_id: str) -> tuple[str, float | None]:
+            try:
+                return peer_id, await asyncio.wait_for(measure_rtt(node, peer_id, timeout=2.0), 5.0)
+            except (ConnectionError, EOFError, OSError, asyncio.TimeoutError):
+                return peer_id, None
+
+        self.next_pings = {peer: rtt for peer, rtt in await asyncio.gather(*(ping(p) for p in nexts)) if rtt is not None}
 
     async def _maybe_move(self, node: Node) -> None:
         servers = await read_servers(node, self.model_id, self.num_blocks)
@@ -208,6 +224,7 @@ class Server:
                 try:
                     await asyncio.wait_for(self.stop.wait(), self.config.announce_period)
                 except asyncio.TimeoutError:
+                    await self._measure_next_pings(node)
                     await self._announce(node, ServerState.ONLINE)
                 if rebalance > 0 and time.monotonic() >= next_check and not self.stop.is_set():
                     await self._maybe_move(node)
