@@ -25,6 +25,8 @@ class ServerConfig:
                                                                            "(default: the model's maximum length)"})
     prefill_chunk_tokens: int = field(default=1024, metadata={"help": "longer prompts are run in chunks of this many "
                                                                       "tokens (bounds attention memory)"})
+    max_sessions_per_peer: int = field(default=32, metadata={"help": "most open inference sessions of one client"})
+    max_request_mb: float = field(default=256.0, metadata={"help": "largest message accepted, in MiB"})
     max_batch_size: int = field(default=64, metadata={"help": "most sequences in one request"})
     max_step_tokens: int = field(default=65536, metadata={"help": "most new tokens (batch x length) in one step"})
     session_idle_timeout: float = field(default=300.0, metadata={"help": "seconds a session may stay silent"})

@@ -32,6 +32,7 @@ class Limits:
     max_batch_size: int
     max_step_tokens: int
     session_idle_timeout: float
+    max_sessions_per_peer: int = 32
     open_timeout: float = 30.0
     link_delay: float = 0.0  # seconds; testing only: one-way latency added to every message received and reply sent
     fail_file: str | None = None  # testing only: while this file exists, steps fail
@@ -122,8 +123,12 @@ class Handlers:
         if model_id != self.model_id:
             raise BadRequestError(f"this server serves model {self.model_id!r}, not {model_id!r}")
 
-    def _open(self, request: OpenSession) -> Session:
+    def _open(self, request: OpenSession, peer_id: str) -> Session:
         self._check_model(request.model_id)
+        open_here = sum(1 for s in self.sessions.values() if s.peer_id == peer_id)
+        if open_here >= self.limits.max_sessions_per_peer:
+            raise BadRequestError(f"too many open sessions: {open_here} of max_sessions_per_peer="
+                                  f"{self.limits.max_sessions_per_peer}; close some first")
         _check_blocks(self.backend, request.start_block, request.end_block)
         if request.max_length > self.limits.max_session_length:
             raise BadRequestError(
@@ -137,7 +142,7 @@ class Handlers:
                                  f"{request.batch_size} could never fit this server's {self.cache.total_tokens} tokens")
         session = Session(start_block=request.start_block, end_block=request.end_block,
                           max_length=request.max_length, batch_size=request.batch_size,
-                          cache=self.backend.new_cache(), cache_wait=request.cache_wait)
+                          cache=self.backend.new_cache(), cache_wait=request.cache_wait, peer_id=peer_id)
         self.sessions[session.session_id] = session
         return session
 
@@ -156,7 +161,7 @@ class Handlers:
             first = await stream.recv(timeout=self.limits.open_timeout)
             if not isinstance(first, OpenSession):
                 raise BadRequestError(f"the first message of a session must be open_session, not {first.TYPE}")
-            session = self._open(first)
+            session = self._open(first, stream.peer_id)
         except (BadRequestError, CacheFullError) as e:
             await _reply_error(stream, e)
             return

@@ -127,6 +127,7 @@ class Server:
         max_length = self.config.max_session_length or getattr(self.model_config, "max_position_embeddings", None) or 8192
         limits = Limits(max_session_length=max_length, max_batch_size=self.config.max_batch_size,
                         max_step_tokens=self.config.max_step_tokens,
+                        max_sessions_per_peer=self.config.max_sessions_per_peer,
                         session_idle_timeout=self.config.session_idle_timeout,
                         link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file,
                         perturb=self.config.debug_perturb_outputs)
@@ -163,9 +164,10 @@ class Server:
         async def push(stream: MessageStream) -> None:
             await self.serving.handlers.push(stream)
 
-        await node.serve(INFERENCE_PROTOCOL, inference)
-        await node.serve(FORWARD_PROTOCOL, forward)
-        await node.serve(PUSH_PROTOCOL, push)
+        max_bytes = int(self.config.max_request_mb * 2**20)
+        await node.serve(INFERENCE_PROTOCOL, inference, max_frame_bytes=max_bytes)
+        await node.serve(FORWARD_PROTOCOL, forward, max_frame_bytes=max_bytes)
+        await node.serve(PUSH_PROTOCOL, push, max_frame_bytes=max_bytes)
         await serve_ping(node, reply_delay=2 * self.config.debug_delay_ms / 1000)
 
     async def _serve_span(self, node: Node, start: int, end: int) -> None:
