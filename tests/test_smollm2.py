@@ -54,6 +54,28 @@ def test_prompt_lookup_keeps_greedy_output(smol_swarm, smollm2):
         model.close()
 
 
+def test_compressed_wire_formats(smol_swarm, smollm2):
+    from corolla.client.config import ClientConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    want = reference.generate(ids, max_new_tokens=20, do_sample=False)
+    with torch.no_grad():
+        want_logits = reference(ids).logits
+    for wire_format, tolerance in (("float16", 0.1), ("int8", 5.0)):  # measured: 0.018 and 2.1 (wire_formats.py)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            smollm2, initial_peers=smol_swarm.initial_peers, client_config=ClientConfig(wire_format=wire_format))
+        try:
+            with torch.no_grad():
+                assert (model(ids).logits - want_logits).abs().max() < tolerance
+            if wire_format == "float16":
+                assert model.generate(ids, max_new_tokens=20, do_sample=False).tolist() == want.tolist()
+        finally:
+            model.close()
+
+
 def test_demo_prints_a_sensible_answer(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "corolla.cli", "demo", "--max-new-tokens", "24", "--workdir", str(tmp_path)],

@@ -59,3 +59,16 @@ def test_tensor_byte_count_is_checked():
 def test_open_session_defaults():
     message = decode(encode(OpenSession(model_id="m", start_block=0, end_block=1, max_length=4)))
     assert message.batch_size == 1
+
+
+def test_int8_codec_is_small_and_close():
+    tensor = torch.randn(2, 3, 576)
+    encoded = WireTensor.from_torch(tensor, codec="int8")
+    assert len(encoded.data) == 2 * 3 * 576 + 4 * (2 * 3 * 576 // 64)  # a byte a value + a scale per 64 values
+    decoded = decode(encode(Step(step_id=0, start=0, hidden=encoded))).hidden.to_torch()
+    assert decoded.dtype == torch.float32 and decoded.shape == tensor.shape
+    assert (decoded - tensor).abs().max() <= tensor.abs().max() / 127
+    with pytest.raises(BadRequestError, match="do not match int8 blocks"):
+        WireTensor(dtype="float32", shape=(2, 64), data=b"\x00" * 10, codec="int8").to_torch()
+    with pytest.raises(BadRequestError, match="unknown codec"):
+        WireTensor(dtype="float32", shape=(1,), data=b"\x00" * 4, codec="zip").to_torch()

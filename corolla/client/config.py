@@ -17,6 +17,7 @@ class ClientConfig:
     refresh_period: float = 5.0  # seconds a fetched list of servers is reused
     ping_timeout: float = 2.0  # seconds to wait for a ping answer; a server that does not answer is skipped
     rtt_refresh_period: float = 30.0  # seconds a measured round-trip time is reused
+    wire_format: str = "native"  # activations on the wire: native (as computed), float16, bfloat16, int8 (lossy)
     use_push: bool = True  # servers pass activations straight to the next server (one client round trip a token)
     check_outputs: bool = False  # re-run a random share of steps on other servers and compare (catches liars)
     check_share: float = 0.1  # with check_outputs: the share of (step, server) outputs that are re-run

@@ -37,11 +37,33 @@ def _check_reply(reply, expected: type, hop: Hop):
     return reply
 
 
-def _check_output(output: torch.Tensor, sent: torch.Tensor, hop: Hop) -> torch.Tensor:
-    if output.shape != sent.shape or output.dtype != sent.dtype:
+WIRE_FORMATS = ("native", "float16", "bfloat16", "int8")
+
+
+def encode_hidden(hidden: torch.Tensor, wire_format: str) -> WireTensor:
+    """Activations as sent: as they are, cast to 16 bits, or blockwise 8-bit (lossy, ~3.8x smaller than fp32)."""
+    if wire_format in ("float16", "bfloat16"):
+        return WireTensor.from_torch(hidden.to(getattr(torch, wire_format)))
+    if wire_format == "int8":
+        return WireTensor.from_torch(hidden, codec="int8")
+    if wire_format != "native":
+        raise CorollaError(f"wire_format must be one of {', '.join(WIRE_FORMATS)}, got {wire_format!r}")
+    return WireTensor.from_torch(hidden)
+
+
+def wire_signature(local: torch.Tensor, wire_format: str) -> tuple:
+    """(shape, dtype name, codec) that activations shaped like `local` have on the wire in `wire_format`."""
+    dtype = wire_format if wire_format in ("float16", "bfloat16") else str(local.dtype).removeprefix("torch.")
+    return tuple(local.shape), dtype, "int8" if wire_format == "int8" else "raw"
+
+
+def _check_output(output: WireTensor, expected: tuple, local: torch.Tensor, hop: Hop) -> torch.Tensor:
+    """The server's output, checked against what was sent (same shape, dtype and codec), in the local dtype."""
+    if (tuple(output.shape), output.dtype, output.codec) != expected:
         raise _RetryableRemoteError(hop.peer_id, (hop.start, hop.end),
-                                    f"returned {tuple(output.shape)} {output.dtype}, expected {tuple(sent.shape)} {sent.dtype}")
-    return output
+                                    f"returned {list(output.shape)} {output.dtype}/{output.codec}, expected "
+                                    f"{list(expected[0])} {expected[1]}/{expected[2]}")
+    return output.to_torch("hidden").to(local.dtype)
 
 
 def _optional(tensor: torch.Tensor | None) -> WireTensor | None:
@@ -102,12 +124,12 @@ class RemoteSequence:
     async def _call(self, hop: Hop, hidden, position_ids, attention_mask) -> torch.Tensor:
         stream = await self.swarm.connect(hop.peer_id, FORWARD_PROTOCOL)
         try:
+            sent = encode_hidden(hidden, self.swarm.config.wire_format)
             await stream.send(ForwardRequest(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
-                                             hidden=WireTensor.from_torch(hidden),
-                                             position_ids=_optional(position_ids),
+                                             hidden=sent, position_ids=_optional(position_ids),
                                              attention_mask=_optional(attention_mask)))
             reply = _check_reply(await stream.recv(self.swarm.config.step_timeout), ForwardResult, hop)
-            return _check_output(reply.hidden.to_torch("hidden"), hidden, hop)
+            return _check_output(reply.hidden, wire_signature(hidden, self.swarm.config.wire_format), hidden, hop)
         finally:
             stream.close()
 
@@ -322,7 +344,7 @@ class InferenceSession:
                          push_to: list[PushTarget] = (), reorder: torch.Tensor | None = None) -> None:
         try:
             await hop_session.stream.send(Step(step_id=self._step_ids, start=start,
-                                               hidden=WireTensor.from_torch(hidden),
+                                               hidden=encode_hidden(hidden, self.swarm.config.wire_format),
                                                position_ids=WireTensor.from_torch(position_ids),
                                                attention_mask=_optional(attention_mask), push_to=list(push_to),
                                                reorder=_optional(reorder)))
@@ -341,7 +363,8 @@ class InferenceSession:
         except BaseException:
             hop_session.close()
             raise
-        output = _check_output(reply.hidden.to_torch("hidden"), sent, hop_session.hop)
+        expected = wire_signature(sent, self.swarm.config.wire_format)
+        output = _check_output(reply.hidden, expected, sent, hop_session.hop)
         return (reply.pushed, output) if want_pushed else output
 
     def close(self) -> None:

@@ -40,18 +40,23 @@ class WireTensor(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dtype: str = Field(description="one of float32, float16, bfloat16, int64, int32, bool, uint8")
+    dtype: str = Field(description="one of float32, float16, bfloat16, int64, int32, bool, uint8 (after decoding)")
     shape: tuple[int, ...] = Field(description="tensor shape; every dimension >= 0")
-    data: bytes = Field(description="raw bytes, prod(shape) * itemsize long")
+    data: bytes = Field(description="raw: prod(shape) * itemsize bytes; int8: see INT8_BLOCK")
+    codec: str = Field(default="raw", description="raw, or int8: blockwise 8-bit (lossy, float tensors only)")
 
     @classmethod
-    def from_torch(cls, tensor: torch.Tensor) -> "WireTensor":
+    def from_torch(cls, tensor: torch.Tensor, codec: str = "raw") -> "WireTensor":
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
         dtype = _DTYPE_NAMES.get(tensor.dtype)
         if dtype is None:
             raise TypeError(f"dtype {tensor.dtype} cannot be sent")
+        if codec == "int8":
+            return cls(dtype=dtype, shape=tuple(tensor.shape), data=_int8_encode(tensor), codec="int8")
+        if codec != "raw":
+            raise ValueError(f"unknown codec {codec!r}")
         flat = tensor.contiguous().reshape(-1)
         raw = flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
         return cls(dtype=dtype, shape=tuple(tensor.shape), data=raw.numpy().tobytes())
@@ -63,6 +68,12 @@ class WireTensor(BaseModel):
             raise BadRequestError(f"{field}: unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
         if any(d < 0 for d in self.shape):
             raise BadRequestError(f"{field}: negative dimension in shape {list(self.shape)}")
+        if self.codec == "int8":
+            if self.dtype not in _FLOAT_DTYPES:
+                raise BadRequestError(f"{field}: the int8 codec carries float tensors only, not {self.dtype}")
+            return _int8_decode(self.data, self.shape, dtype, field)
+        if self.codec != "raw":
+            raise BadRequestError(f"{field}: unknown codec {self.codec!r}; expected raw or int8")
         itemsize = torch.empty((), dtype=dtype).element_size()
         expected = math.prod(self.shape) * itemsize
         if len(self.data) != expected:
@@ -77,6 +88,29 @@ class WireTensor(BaseModel):
     @property
     def is_float(self) -> bool:
         return self.dtype in _FLOAT_DTYPES
+
+
+INT8_BLOCK = 64  # values per block: int8 values (padded to whole blocks), then one float32 scale per block
+
+
+def _int8_encode(tensor: torch.Tensor) -> bytes:
+    flat = tensor.float().reshape(-1)
+    padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % INT8_BLOCK)).reshape(-1, INT8_BLOCK)
+    scales = padded.abs().amax(dim=1).clamp_min(1e-12) / 127
+    quantized = torch.round(padded / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return quantized.numpy().tobytes() + scales.numpy().astype("<f4").tobytes()
+
+
+def _int8_decode(data: bytes, shape: tuple[int, ...], dtype: torch.dtype, field: str) -> torch.Tensor:
+    numel = math.prod(shape)
+    blocks = -(-numel // INT8_BLOCK)
+    if len(data) != blocks * INT8_BLOCK + 4 * blocks:
+        raise BadRequestError(f"{field}: {len(data)} bytes do not match int8 blocks for shape {list(shape)} "
+                              f"({blocks * (INT8_BLOCK + 4)} bytes)")
+    quantized = torch.from_numpy(np.frombuffer(data, dtype=np.int8, count=blocks * INT8_BLOCK).copy())
+    scales = torch.from_numpy(np.frombuffer(data, dtype="<f4", offset=blocks * INT8_BLOCK).copy())
+    values = quantized.reshape(blocks, INT8_BLOCK).float() * scales[:, None]
+    return values.reshape(-1)[:numel].reshape(shape).to(dtype)
 
 
 class Message(BaseModel):

@@ -255,7 +255,7 @@ class Handlers:
                 await _reply_error(stream, e, kind="internal")
                 return
             session.length = message.start + inputs.hidden.shape[1]
-            hidden = WireTensor.from_torch(self._perturbed(output))
+            hidden = WireTensor.from_torch(self._perturbed(output), codec=message.hidden.codec)
             pushed = bool(message.push_to) and await self._push(session, message, hidden)
             await self._delay()  # emulated wide-area link, outbound (after the push: it has its own link)
             await stream.send(StepResult(step_id=message.step_id, hidden=hidden, pushed=pushed))
@@ -299,7 +299,8 @@ class Handlers:
             await _reply_error(stream, e, kind="internal")
             return
         await self._delay()
-        await stream.send(ForwardResult(hidden=WireTensor.from_torch(self._perturbed(output))))
+        await stream.send(ForwardResult(hidden=WireTensor.from_torch(self._perturbed(output),
+                                                                     codec=request.hidden.codec)))
 
     def _perturbed(self, output: torch.Tensor) -> torch.Tensor:
         if self.limits.perturb <= 0:
