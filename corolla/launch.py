@@ -74,8 +74,8 @@ class LocalSwarm:
         raise CorollaError(f"{process.name} was not ready within {timeout:.0f} s; its log ({process.log_path}) "
                            f"ends with:\n{_tail(process.log())}")
 
-    def start_dht(self, timeout: float = 60, identity: str | None = None) -> list[str]:
-        args = ["dht", "--host", "127.0.0.1"] + (["--identity", identity] if identity else [])
+    def start_dht(self, timeout: float = 60, identity: str | None = None, extra_args: list[str] = ()) -> list[str]:
+        args = ["dht", "--host", "127.0.0.1"] + (["--identity", identity] if identity else []) + list(extra_args)
         process = self._spawn("dht", args)
         line = self.wait_for_line(process, "initial peers:", timeout)
         self.initial_peers = line.split(":", 1)[1].split()

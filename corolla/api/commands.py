@@ -13,14 +13,20 @@ from corolla.cli import add_dataclass_args, from_args
 
 
 def _network_args(parser: argparse.ArgumentParser) -> None:
+    # Not --host/--port: those are the HTTP server's here. The client's peer listens on loopback.
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
                         help="multiaddrs of peers already in the swarm (e.g. what `corolla dht` prints)")
+    parser.add_argument("--identity", default=None, help="private key file of this client's peer (stable peer id)")
+    parser.add_argument("--swarm-key-file", default=None, help="secret of a private swarm (see SECURITY.md)")
+    parser.add_argument("--allowed-peers", nargs="*", default=None, help="peer ids of a private swarm's members")
 
 
 def _network(args: argparse.Namespace):
     from corolla.net.node import NetworkConfig
 
-    return NetworkConfig(initial_peers=tuple(args.initial_peers))
+    return NetworkConfig(initial_peers=tuple(args.initial_peers), identity=args.identity,
+                         swarm_key_file=args.swarm_key_file,
+                         allowed_peers=tuple(args.allowed_peers) if args.allowed_peers is not None else None)
 
 
 def _client_group(parser: argparse.ArgumentParser) -> None:

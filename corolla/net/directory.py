@@ -13,7 +13,11 @@ logger = logging.getLogger(__name__)
 
 
 async def read_servers(node: Node, model_id: str, num_blocks: int) -> list[PeerRecord]:
-    """Every server's valid record for `model_id`, one per peer; records that fail validation are skipped."""
+    """Every server's valid record for `model_id`, one per peer; records that fail validation are skipped.
+
+    Node.get returns only records signed by the peer they are stored under (and, in a private swarm, by a member),
+    so a record here is the named server's own announcement: nobody else can forge or overwrite it.
+    """
     found = await node.get([block_key(model_id, block) for block in range(num_blocks)])
     servers: dict[str, PeerRecord] = {}
     for items in found.values():

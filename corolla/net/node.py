@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P, P2PDaemonError, PeerID
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.utils.timed_storage import ValueWithExpiration
 
-from corolla.errors import CorollaError
+from corolla.errors import BadRequestError, CorollaError
+from corolla.net.auth import (Membership, RecordSigner, SwarmAuth, SwarmKey, SwarmKeyAuthorizer, generate_identity,
+                              load_identity, peer_id_of_multiaddr, peer_id_of_public_key, public_key_der)
+from corolla.net.messages import ErrorReply
 from corolla.net.wire import DEFAULT_MAX_FRAME_BYTES, Message, TransferMeter, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
@@ -34,6 +40,12 @@ class NetworkConfig:
     identity: str | None = field(default=None, metadata={"help": "private key file, for a stable peer id"})
     nat_port_map: bool = field(default=False, metadata={"help": "ask the LAN gateway to map a port (UPnP/NAT-PMP)"})
     use_relay: bool = field(default=False, metadata={"help": "reach and be reached through libp2p relays"})
+    swarm_key_file: str | None = field(default=None, metadata={
+        "help": "private swarm: file with the swarm's shared secret (e.g. `openssl rand -hex 32 > swarm.key`); "
+                "peers without it can neither read the DHT, announce, serve nor be served"})
+    allowed_peers: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "private swarm: peer ids allowed to talk to this peer (besides itself and its initial peers); "
+                "streams, DHT requests and records of other peers are refused"})
 
 
 def _maddr(host: str, port: int) -> str:
@@ -62,42 +74,107 @@ class MessageStream:
 
 StreamHandler = Callable[[MessageStream], Awaitable[None]]
 
+AUTH_TIMEOUT = 10.0  # seconds a peer opening a stream in a swarm with a key has to send its proof
+_AUTH_FRAME_BYTES = 1024  # the proof frame is tiny: read no more than this before the peer is known
+
+
+class _GatedP2P(P2P):
+    """hivemind's P2P whose protobuf RPC handlers (the DHT's) refuse peers outside the allow-list."""
+
+    _membership: Membership | None = None  # set right after the daemon starts, before any handler is added
+
+    async def add_protobuf_handler(self, name, handler, input_protobuf_type, *, stream_input: bool = False,
+                                   stream_output: bool = False, balanced: bool = False) -> None:
+        def check(context: P2PContext) -> None:
+            peer_id = context.remote_id.to_base58()
+            if self._membership is not None and not self._membership.allows(peer_id):
+                logger.debug("refusing %s from %s: not in the allow-list", name, peer_id)
+                raise PermissionError(f"{peer_id} is not allowed in this private swarm")
+
+        if not stream_input and not stream_output:
+            async def gated(request, context: P2PContext):
+                check(context)
+                return await handler(request, context)
+        else:
+            async def gated(requests, context: P2PContext):
+                check(context)
+                output = handler(requests, context)
+                if isinstance(output, AsyncIterable):
+                    async for item in output:
+                        yield item
+                else:
+                    yield await output
+
+        await super().add_protobuf_handler(name, gated, input_protobuf_type, stream_input=stream_input,
+                                           stream_output=stream_output, balanced=balanced)
+
 
 class Node:
-    """This process's peer: a DHT participant that can serve and open message streams."""
+    """This process's peer: a DHT participant that can serve and open message streams.
 
-    def __init__(self, p2p: P2P, dht: DHTNode):
-        self._p2p, self._dht = p2p, dht
+    Every DHT record it stores is signed with its identity key (see auth.py); `get` returns only records whose
+    signature proves they come from the peer named by their subkey (and, in a private swarm, from a member).
+    """
+
+    def __init__(self, p2p: P2P, dht: DHTNode, membership: Membership):
+        self._p2p, self._dht, self.membership = p2p, dht, membership
         self.peer_id: str = p2p.peer_id.to_base58()
         self.meter = TransferMeter()  # bandwidth seen on this peer's incoming streams
 
     @classmethod
     async def create(cls, config: NetworkConfig, client_mode: bool = False) -> "Node":
         announce = [_maddr(config.announce_host, config.port)] if config.announce_host and config.port else None
-        try:
-            p2p = await P2P.create(
-                initial_peers=list(config.initial_peers) or None,
-                host_maddrs=[_maddr(config.host, config.port)],
-                announce_maddrs=announce,
-                identity_path=config.identity,
-                nat_port_map=config.nat_port_map,
-                use_relay=config.use_relay,
-                use_auto_relay=config.use_relay,
-                use_ipfs=False,
-                dht_mode="client" if client_mode else "server",
-            )
-        except Exception as e:
-            raise CorollaError(f"could not start the p2p daemon: {e}") from e
+        swarm_key = SwarmKey.from_file(config.swarm_key_file) if config.swarm_key_file else None
+        allowed = None
+        if config.allowed_peers is not None:
+            allowed = frozenset(config.allowed_peers) | {
+                peer for peer in map(peer_id_of_multiaddr, config.initial_peers) if peer}
+        # The identity key is also the key that signs this peer's records, so it must be at hand: without
+        # --identity, a fresh one is made in a private temporary directory (the daemon reads it at start).
+        with tempfile.TemporaryDirectory(prefix="corolla-identity-") as tmp:
+            identity = config.identity or os.path.join(tmp, "identity.key")
+            fresh = not os.path.isfile(identity)
+            if fresh:
+                try:
+                    generate_identity(identity)
+                except OSError as e:
+                    raise CorollaError(f"cannot write the identity file {identity}: {e}") from None
+            private_key = load_identity(identity)
+            try:
+                p2p = await _GatedP2P.create(
+                    initial_peers=list(config.initial_peers) or None,
+                    host_maddrs=[_maddr(config.host, config.port)],
+                    announce_maddrs=announce,
+                    identity_path=identity,
+                    check_if_identity_free=not fresh,
+                    nat_port_map=config.nat_port_map,
+                    use_relay=config.use_relay,
+                    use_auto_relay=config.use_relay,
+                    use_ipfs=False,
+                    dht_mode="client" if client_mode else "server",
+                )
+            except Exception as e:
+                raise CorollaError(f"could not start the p2p daemon: {e}") from e
+        peer_id = p2p.peer_id.to_base58()
+        membership = Membership(local_peer_id=peer_id, allowed=allowed, swarm_key=swarm_key)
+        p2p._membership = membership
+        if peer_id_of_public_key(public_key_der(private_key)) != peer_id:
+            await p2p.shutdown()
+            raise CorollaError(f"the p2p daemon's peer id {peer_id} does not match the identity key")
         try:
             dht = await DHTNode.create(
                 p2p=p2p, initial_peers=list(config.initial_peers) or None, client_mode=client_mode,
                 ensure_bootstrap_success=True, wait_timeout=5,
+                record_validator=RecordSigner(private_key, membership),
+                authorizer=SwarmKeyAuthorizer(swarm_key) if swarm_key else None,
             )
         except Exception as e:
             await p2p.shutdown()
             peers = ", ".join(config.initial_peers) or "(none)"
-            raise CorollaError(f"could not join the swarm through initial peers {peers}: {e}") from e
-        return cls(p2p, dht)
+            hint = (" (this is a private swarm: check the swarm key file and that this peer's id "
+                    f"{peer_id} is in the others' allow-lists)" if membership.private else "")
+            raise CorollaError(f"could not join the swarm through initial peers {peers}: {e}{hint}") from e
+        return cls(p2p, dht, membership)
 
     async def addresses(self) -> list[str]:
         """Multiaddrs (with /p2p/<peer id>) that other peers can use as --initial-peers."""
@@ -106,9 +183,16 @@ class Node:
     # ---- DHT ----------------------------------------------------------------------------------------------
 
     async def store(self, items: list[tuple[str, str, Any, float]]) -> None:
-        """Store (key, subkey, value, expiration unix time) items; values must be msgpack-able plain data."""
+        """Store (key, subkey, value, expiration unix time) items; values must be msgpack-able plain data.
+
+        The subkey must be this peer's id: the record is signed with its identity key, and no other peer can
+        overwrite it.
+        """
         if not items:
             return
+        for _, subkey, _, _ in items:
+            if subkey != self.peer_id:
+                raise ValueError(f"a peer stores records only under its own peer id {self.peer_id}, not {subkey!r}")
         await self._dht.store_many(
             keys=[key for key, _, _, _ in items],
             values=[value for _, _, value, _ in items],
@@ -117,7 +201,11 @@ class Node:
         )
 
     async def get(self, keys: list[str]) -> dict[str, dict[str, tuple[Any, float]]]:
-        """For each key, its live {subkey: (value, expiration)}; empty when nothing is stored."""
+        """For each key, its live {peer id: (value, expiration)}; empty when nothing is stored.
+
+        Only records that passed RecordSigner are here: signed by the key of the peer id they are stored under,
+        and in a private swarm by a member.
+        """
         found = await self._dht.get_many(keys, sufficient_expiration_time=float("inf"))
         now = time.time()
         result: dict[str, dict[str, tuple[Any, float]]] = {}
@@ -126,18 +214,28 @@ class Node:
             subitems: dict[str, tuple[Any, float]] = {}
             if isinstance(entry, ValueWithExpiration) and isinstance(entry.value, dict):
                 for subkey, item in entry.value.items():
-                    if isinstance(item, ValueWithExpiration) and item.expiration_time > now:
-                        subitems[str(subkey)] = (item.value, item.expiration_time)
+                    if (isinstance(subkey, str) and self.membership.allows(subkey)
+                            and isinstance(item, ValueWithExpiration) and item.expiration_time > now):
+                        subitems[subkey] = (item.value, item.expiration_time)
             result[key] = subitems
         return result
 
     # ---- streams ------------------------------------------------------------------------------------------
 
     async def serve(self, protocol: str, handler: StreamHandler, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        """Run `handler` on each incoming stream of `protocol`; in a private swarm, only for members."""
         async def on_stream(info, reader, writer):
             stream = MessageStream(info.peer_id.to_base58(), reader, writer, max_frame_bytes, self.meter)
             try:
-                await handler(stream)
+                refusal = await self._check_member(stream, reader)
+                if refusal is None:
+                    await handler(stream)
+                else:
+                    logger.info("refused a %s stream from %s: %s", protocol, stream.peer_id, refusal)
+                    try:
+                        await asyncio.wait_for(stream.send(ErrorReply(kind="forbidden", message=refusal)), 5)
+                    except (ConnectionError, RuntimeError, asyncio.TimeoutError):
+                        pass
             except Exception:
                 logger.exception("handler for %s from %s failed", protocol, stream.peer_id)
             finally:
@@ -145,15 +243,40 @@ class Node:
 
         await self._p2p.add_binary_stream_handler(protocol, on_stream)
 
-    async def connect(self, peer_id: str, protocol: str, timeout: float) -> MessageStream:
-        """Open a stream to `peer_id`; ConnectionError if the peer cannot be reached, TimeoutError after `timeout`."""
+    async def _check_member(self, stream: MessageStream, reader: asyncio.StreamReader) -> str | None:
+        """None if the stream's peer belongs to this swarm, else why not (for the refusal and the log)."""
+        if not self.membership.allows(stream.peer_id):
+            return f"peer {stream.peer_id} is not in this private swarm's allow-list"
+        if self.membership.swarm_key is None:
+            return None
         try:
-            _, reader, writer = await asyncio.wait_for(
-                self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol), timeout
-            )
+            proof = await asyncio.wait_for(read_frame(reader, _AUTH_FRAME_BYTES), AUTH_TIMEOUT)
+        except (BadRequestError, EOFError, ConnectionError, asyncio.TimeoutError) as e:
+            return f"no proof of this private swarm's key ({str(e) or type(e).__name__})"
+        if not isinstance(proof, SwarmAuth) or not self.membership.swarm_key.is_member(stream.peer_id, proof.token):
+            return f"peer {stream.peer_id} did not prove it holds this private swarm's key"
+        return None
+
+    async def connect(self, peer_id: str, protocol: str, timeout: float) -> MessageStream:
+        """Open a stream to `peer_id`; ConnectionError if the peer cannot be reached (or is not a valid peer id or
+        not in this private swarm's allow-list), TimeoutError after `timeout`."""
+        if not self.membership.allows(peer_id):
+            raise ConnectionError(f"{peer_id} is not in this private swarm's allow-list")
+        try:
+            peer = PeerID.from_base58(peer_id)
+        except Exception:
+            raise ConnectionError(f"{peer_id!r} is not a valid peer id") from None
+        try:
+            _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer, protocol), timeout)
         except (ControlFailure, P2PDaemonError) as e:
             raise ConnectionError(f"cannot reach {peer_id}: {e}") from None
-        return MessageStream(peer_id, reader, writer, meter=self.meter)
+        stream = MessageStream(peer_id, reader, writer, meter=self.meter)
+        if self.membership.swarm_key is not None:
+            try:
+                await stream.send(SwarmAuth(token=self.membership.swarm_key.member_token(self.peer_id)))
+            except ConnectionError:
+                pass  # the peer refused us already; its answer (a `forbidden` error) is what the caller reads next
+        return stream
 
     async def shutdown(self) -> None:
         try:

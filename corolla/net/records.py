@@ -14,7 +14,8 @@ class ServerState(str, enum.Enum):
 
 
 class ServerRecord(BaseModel):
-    """Announced by a server for each block it serves, under block_key(model_id, block), subkey = its peer id."""
+    """Announced by a server for each block it serves, under block_key(model_id, block), subkey = its peer id,
+    signed with the server's identity key (net/auth.py), so only that server can write or replace it."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")  # newer peers may add fields
 

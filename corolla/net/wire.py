@@ -90,6 +90,10 @@ class WireTensor(BaseModel):
         return self.dtype in _FLOAT_DTYPES
 
 
+class FrameTooLargeError(BadRequestError):
+    """A frame header announced more bytes than allowed. Its payload was not read: the stream is out of sync."""
+
+
 INT8_BLOCK = 64  # values per block: int8 values (padded to whole blocks), then one float32 scale per block
 
 
@@ -205,7 +209,7 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_
         raise ConnectionError("stream closed inside a frame header") from None
     (length,) = _LENGTH.unpack(header)
     if length > max_bytes:
-        raise BadRequestError(f"frame of {length} bytes exceeds the limit of {max_bytes} bytes")
+        raise FrameTooLargeError(f"frame of {length} bytes exceeds the limit of {max_bytes} bytes")
     began = time.perf_counter()
     try:
         payload = await reader.readexactly(length)

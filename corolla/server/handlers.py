@@ -17,7 +17,7 @@ from corolla.models.spec import SpanInputs
 from corolla.net.messages import (PUSH_PROTOCOL, CloseSession, ErrorReply, ForwardRequest, ForwardResult,
                                   OpenSession, PushedStep, SessionOpened, Step, StepResult)
 from corolla.net.node import MessageStream, Node
-from corolla.net.wire import WireTensor
+from corolla.net.wire import FrameTooLargeError, WireTensor
 from corolla.server.backend import BlockBackend
 from corolla.server.cache import CacheManager
 from corolla.server.scheduler import Scheduler
@@ -190,6 +190,10 @@ class Handlers:
         while True:
             try:
                 message = await stream.recv()
+            except FrameTooLargeError as e:  # its payload is still in the stream: nothing after it can be read
+                session.inbox.put_nowait(e)
+                session.inbox.put_nowait(CloseSession())
+                return
             except BadRequestError as e:  # the frame was read whole, so the stream is still in sync
                 session.inbox.put_nowait(e)
                 continue

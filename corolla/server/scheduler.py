@@ -25,7 +25,7 @@ from corolla.server.backend import BlockBackend
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # queued items are removed by identity; comparing their tensors would be an error
 class Work:
     """One request for the compute thread."""
 
@@ -89,7 +89,12 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     return
-                batch = self._plan()
+                try:
+                    batch = self._plan()
+                except Exception:  # never let planning kill the compute thread
+                    logger.exception("planning a batch failed; running the first request alone")
+                    queue = self._inference or self._forward
+                    batch = [queue.popleft()]
             try:
                 outputs = self._compute(batch)
             except Exception as e:  # the handler reports it; the thread goes on
