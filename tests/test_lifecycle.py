@@ -42,6 +42,12 @@ def test_announce_offline_on_shutdown_and_expiry_after_a_crash(local_swarm, tiny
     assert (record.state, record.start_block, record.end_block) == (ServerState.ONLINE, 0, 3)
     assert record.version and record.throughput > 0 and record.cache_tokens_left > 0
 
+    deadline = time.monotonic() + 15  # the first server pings the one serving the blocks after its span
+    while peer_of(crashed) not in swarm_view(local_swarm.initial_peers, tiny_llama, "tiny-llama")[
+            peer_of(graceful)].next_pings:
+        assert time.monotonic() < deadline, "no round trip to the next server was announced"
+        time.sleep(0.5)
+
     local_swarm.stop(graceful)  # SIGTERM: the server announces itself offline before leaving
     assert graceful.popen.returncode == 0
     assert swarm_view(local_swarm.initial_peers, tiny_llama, "tiny-llama")[peer_of(graceful)].state == ServerState.OFFLINE

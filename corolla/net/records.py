@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +32,9 @@ class ServerRecord(BaseModel):
     version: str = Field(default="", description="corolla version of the server")
     public_name: str = Field(default="", max_length=100, description="optional human-readable server name")
     started_at: float = Field(default=0.0, description="unix time the server process started (restarts change it)")
+    next_pings: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, max_length=16,
+                                         description="round-trip seconds to servers of the blocks after this span, "
+                                                     "measured by this server (clients route pushes with them)")
 
 
 def block_key(model_id: str, block: int) -> str:
