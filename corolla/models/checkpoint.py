@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -86,6 +87,14 @@ class Checkpoint:
 
     def names_with_prefix(self, *prefixes: str) -> list[str]:
         return [name for name in self.file_of if name.startswith(prefixes)]
+
+    def numel(self, names: list[str]) -> int:
+        """Total elements of these tensors, from the files' headers (no tensor data is read)."""
+        total = 0
+        for file in {self.file_of[name] for name in names}:
+            with safe_open(file, framework="pt") as f:
+                total += sum(math.prod(f.get_slice(name).get_shape()) for name in names if self.file_of[name] == file)
+        return total
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}

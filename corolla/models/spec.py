@@ -58,9 +58,6 @@ def full_history_cache(config: PretrainedConfig) -> Cache:
     return DynamicCache()
 
 
-# Kept for callers of the first version of this module.
-dynamic_cache = full_history_cache
-
 # Runs blocks[first:...] on SpanInputs: (config, helpers built once per span, the blocks, first block index, inputs).
 SpanRunner = Callable[[PretrainedConfig, dict[str, nn.Module], list[nn.Module], int, SpanInputs], torch.Tensor]
 

@@ -116,11 +116,6 @@ def uncovered_blocks(spans: Iterable[ServedSpan], num_blocks: int) -> list[int]:
     return [block for block, is_covered in enumerate(covered) if not is_covered]
 
 
-def coverage(servers: Iterable[PeerRecord], num_blocks: int) -> list[float]:
-    """Announced throughput per block, summed over online (and joining) servers."""
-    return block_throughputs(served_spans(servers, num_blocks), num_blocks)
-
-
 # --- joining: where to go --------------------------------------------------------------------------------------
 
 def best_window(per_block: Sequence[float], span_length: int) -> int:

@@ -86,7 +86,7 @@ class Server:
         """As many blocks as fit the device's free memory, after the attention-cache budget."""
         checkpoint = Checkpoint(self.config.model)
         names = checkpoint_names(checkpoint, self.spec.causal_lm_class, [self.spec.block_path(0)])
-        per_block = sum(t.numel() for t in checkpoint.read(names).values()) * torch.empty((), dtype=self.dtype).element_size()
+        per_block = checkpoint.numel(names) * torch.empty((), dtype=self.dtype).element_size()
         if self.config.quant != "none":
             per_block //= 4 if self.config.quant == "int8" else 7
         kv_heads = getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads
