@@ -142,7 +142,7 @@ def _add_optional_commands(commands) -> None:
     """Commands defined next to their feature (e.g. corolla/api/commands.py: api, chat, health)."""
     import importlib
 
-    for module_name in ("corolla.api.commands", "corolla.models.commands"):
+    for module_name in ("corolla.api.commands", "corolla.models.commands", "corolla.hub_commands"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:

@@ -16,13 +16,15 @@ class UnsupportedModelError(CorollaError):
 class MissingBlocksError(CorollaError):
     """No server in the swarm serves some blocks (within the configured wait)."""
 
-    def __init__(self, missing: list[tuple[int, int]], waited_s: float):
+    def __init__(self, missing: list[tuple[int, int]], waited_s: float, message: str | None = None):
         self.missing = missing
         ranges = ", ".join(f"{a}..{b - 1}" for a, b in missing)
-        super().__init__(
-            f"no server in the swarm serves blocks {ranges} (waited {waited_s:.1f} s); "
-            f"start a server for them, e.g. `corolla server MODEL --blocks {missing[0][0]}:{missing[0][1]}`"
-        )
+        if message is None:
+            message = (f"no server in the swarm serves blocks {ranges} (waited {waited_s:.1f} s); start a server "
+                       f"for them, e.g. `corolla server MODEL --blocks {missing[0][0]}:{missing[0][1]}`")
+        else:
+            message = f"{message} (waited {waited_s:.1f} s)"
+        super().__init__(message)
 
 
 class RemoteError(CorollaError):

@@ -47,6 +47,11 @@ def start_swarm(swarm: LocalSwarm, model: Path, spans: list[tuple[int, int]], ex
     return swarm.start_servers(model, spans, ["--num-threads", "1", *extra_args])
 
 
+def peer_of(process) -> str:
+    """A server's peer id, from its "ready: ... as <peer id>" line."""
+    return process.log().split("ready: ")[1].split(" as ")[1].split()[0]
+
+
 @pytest.fixture(scope="module")
 def tiny_swarm(tiny_llama, request):
     """Bootstrap peer + 3 servers splitting the tiny Llama's 5 blocks unevenly: 0:2, 2:4, 4:5."""

@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-from conftest import start_swarm
+from conftest import peer_of, start_swarm
 from corolla.models.checkpoint import load_config, model_id
 from corolla.net.directory import read_servers
 from corolla.net.node import NetworkConfig, Node
@@ -27,10 +27,6 @@ def swarm_view(initial_peers, model_dir, name):
             await node.shutdown()
 
     return {server.peer_id: server.record for server in asyncio.run(read())}
-
-
-def peer_of(process):
-    return process.log().split("ready: ")[1].split(" as ")[1].split()[0]
 
 
 def test_announce_offline_on_shutdown_and_expiry_after_a_crash(local_swarm, tiny_llama):

@@ -23,5 +23,6 @@ class ClientConfig:
     check_share: float = 0.1  # with check_outputs: the share of (step, server) outputs that are re-run
     check_tolerance: float = 1e-2  # max difference, relative to the output's magnitude, between two servers
     check_strikes: int = 2  # unconfirmed disagreements before a server is blocked (2 checkers agreeing: at once)
+    max_request_tokens: int = 8192  # training: larger batches are split into requests of at most this many tokens
     allowed_servers: tuple[str, ...] | None = None  # peer ids the client may use (None = any)
     blocked_servers: tuple[str, ...] = ()  # peer ids the client must not use

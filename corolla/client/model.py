@@ -3,6 +3,9 @@
 Locally it holds only the embeddings, the final norm and the LM head (transformers' own modules, filled with only
 their tensors). `generate()` is transformers' own; the attention cache lives on the servers, represented here by
 a RemoteSessionCache that tells `generate` how many tokens the servers already hold.
+
+Fine-tuning (client/tuning.py): with a tuning mode, the model owns trainable prompts or LoRA weights; `forward`
+runs the remote blocks through an autograd function (client/training.py), so `loss.backward()` reaches them.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corolla.client.config import ClientConfig
+from corolla.client.extras import NO_EXTRAS, Extras
 from corolla.client.remote import InferenceSession, RemoteSequence
 from corolla.client.swarm import SwarmClient
+from corolla.client.training import RemoteBlocksFunction, RemoteTraining
+from corolla.client.tuning import Tuning, TuningConfig, load_tensors, read_tuning
 from corolla.errors import CorollaError
-from corolla.models.checkpoint import DTYPES, config_dtype, load_client_parts, load_config, model_id
+from corolla.models.checkpoint import DTYPES, config_dtype, load_client_parts, load_config, meta_model, model_id
+from corolla.models.lora import LoraSettings
 from corolla.models.spec import family_for
 from corolla.net.node import NetworkConfig
 
@@ -34,7 +41,7 @@ class RemoteSessionCache(Cache):
         self.session = session
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return self.session.position - self.session.prefix_tokens  # prompt-tuning positions are not the caller's
 
     @property
     def is_linear(self) -> list[bool]:
@@ -54,10 +61,11 @@ class RemoteSessionCache(Cache):
     def crop(self, tokens: int) -> None:
         """transformers 5.x: crop(-n) drops the last n tokens (speculative decoding's rejected drafts); crop(0) is a
         no-op. Rolling back is free: the next step starts at the shorter position and servers drop what follows."""
+        prefix = self.session.prefix_tokens
         if tokens < 0:
-            self.session.position = max(0, self.session.position + tokens)
+            self.session.position = max(prefix, self.session.position + tokens)
         elif tokens > 0:  # older transformers: the length to keep
-            self.session.position = min(self.session.position, tokens)
+            self.session.position = min(self.session.position, prefix + tokens)
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -77,7 +85,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._parts_by_path = parts
         self.swarm = swarm
         self.remote = RemoteSequence(swarm)
+        self.remote_training = RemoteTraining(self.remote)
         self._local = threading.local()  # the active inference session, per calling thread
+        self.tuning: Tuning | None = None  # trainable prompts / LoRA weights (enable_tuning, load_tuning)
+        self.active_adapter: str | None = None  # a LoRA adapter hosted by servers, used by every request
 
     # -- transformers plumbing -----------------------------------------------------------------------------
 
@@ -102,6 +113,50 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: nn.Module) -> None:
         pass  # every weight comes from the checkpoint
 
+    # -- fine-tuning ------------------------------------------------------------------------------------------
+
+    def enable_tuning(self, tuning: TuningConfig, seed: int | None = None) -> Tuning:
+        """Add trainable prompts or LoRA weights (the rest of the model stays frozen); returns them, e.g. for an
+        optimizer: `torch.optim.AdamW(model.enable_tuning(...).parameters())`."""
+        block = meta_model(self.spec, self.config, torch.float32).get_submodule(self.spec.block_path(0))
+        embeddings = self.get_input_embeddings().weight
+        self.tuning = Tuning(tuning, self.config, self.spec, block, embedding_std=float(embeddings.float().std()),
+                             base_model=self.name_or_path, seed=seed)
+        for part in self.client_parts.parameters():
+            part.requires_grad_(False)
+        return self.tuning
+
+    def load_tuning(self, name_or_path: str | Path, hub_dir: str | Path | None = None) -> Tuning:
+        """Load prompts or a LoRA adapter saved by `tuning.save_pretrained` / `push_to_hub` (or by plain peft):
+        a local directory or a repo id in the offline hub."""
+        from corolla.hub import resolve
+
+        directory = Path(resolve(str(name_or_path), Path(hub_dir) if hub_dir else None))
+        config, tensors = read_tuning(directory)
+        tuning = self.enable_tuning(config)
+        load_tensors(tuning, tensors, directory)
+        return tuning
+
+    def _extras(self, batch: int) -> Extras:
+        if self.tuning is not None:
+            return self.tuning.extras(batch, self.active_adapter)
+        return Extras(adapter=self.active_adapter) if self.active_adapter else NO_EXTRAS
+
+    def _run_blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """All remote blocks, stateless; differentiable when gradients are wanted."""
+        batch = hidden.shape[0]
+        tuning = self.tuning
+        prompts = tuning.prompts(batch) if tuning is not None else None
+        lora = list(tuning.lora_weights) if tuning is not None else []
+        wants_grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or (prompts is not None and prompts.requires_grad) or any(w.requires_grad for w in lora))
+        if not wants_grad:
+            return self.remote.forward(hidden, position_ids=position_ids, attention_mask=mask,
+                                       extras=self._extras(batch))
+        layout = tuning.lora_layout() if tuning is not None else None
+        return RemoteBlocksFunction.apply(self.remote_training, position_ids, mask, layout, self.active_adapter,
+                                          hidden, prompts, *lora)
+
     # -- sessions -------------------------------------------------------------------------------------------
 
     @property
@@ -110,11 +165,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return session if session is not None and not session.closed else None
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int, batch_size: int = 1):
-        """Open a session whose caches live on the servers; `forward` and `generate` inside it continue it."""
+    def inference_session(self, max_length: int, batch_size: int = 1, active_adapter: str | None = None):
+        """Open a session whose caches live on the servers; `forward` and `generate` inside it continue it.
+
+        `max_length` counts the caller's tokens (prompt-tuning positions are added). `active_adapter`: a LoRA adapter
+        hosted by servers for this session (default: the model's `active_adapter`)."""
         if self.active_session is not None:
             raise CorollaError("an inference session is already active in this thread")
-        session = InferenceSession(self.swarm, max_length=max_length, batch_size=batch_size)
+        extras = self._extras(batch_size)
+        if active_adapter is not None:
+            extras = Extras(prompts=extras.prompts, lora=extras.lora, adapter=active_adapter)
+        prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
+        session = InferenceSession(self.swarm, max_length=max_length + prefix, batch_size=batch_size, extras=extras)
         self._local.session = session
         try:
             yield session
@@ -132,17 +194,30 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         session = cache.session if isinstance(cache, RemoteSessionCache) else self.active_session
+        batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if position_ids is None:
-            batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
-            offset = session.position if session is not None else 0
+            offset = session.position - session.prefix_tokens if session is not None else 0
             position_ids = torch.arange(offset, offset + length).unsqueeze(0).expand(batch, -1)
         hidden = self.embed(input_ids, inputs_embeds, position_ids)
+        # Prompt tuning: pre_seq_len prompt positions come before the caller's tokens (once per session).
+        prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
+        add_prefix = prefix > 0 and (session is None or session.position == 0)
+        if prefix:
+            position_ids = position_ids + prefix
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(batch, prefix), attention_mask], dim=1)
+        if add_prefix:
+            hidden = torch.cat([self.tuning.prefix(batch).to(hidden.dtype), hidden], dim=1)
+            position_ids = torch.cat([torch.arange(prefix).unsqueeze(0).expand(batch, -1), position_ids], dim=1)
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
         if session is not None:
             start = session.position
+            session.prefix_tokens = prefix
             hidden = session.step(hidden, position_ids=position_ids, attention_mask=mask, start=start)
         else:
-            hidden = self.remote.forward(hidden, position_ids=position_ids, attention_mask=mask)
+            hidden = self._run_blocks(hidden, position_ids, mask)
+        if add_prefix:
+            hidden = hidden[:, prefix:]
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.head(hidden)
@@ -188,10 +263,16 @@ class AutoDistributedModelForCausalLM:
     def from_pretrained(model_dir: str | Path, initial_peers: list[str] | tuple[str, ...],
                         dtype: torch.dtype | str | None = None, model_name: str | None = None,
                         client_config: ClientConfig | None = None,
-                        network: NetworkConfig | None = None) -> DistributedModelForCausalLM:
+                        network: NetworkConfig | None = None, tuning_mode: str | None = None,
+                        pre_seq_len: int = 0, lora: LoraSettings | None = None, tuned: str | Path | None = None,
+                        active_adapter: str | None = None, hub_dir: str | Path | None = None,
+                        seed: int | None = None) -> DistributedModelForCausalLM:
         """Load the client-side parts of a local model directory and join the swarm through `initial_peers`.
 
         `model_name` must match the servers' (default: the directory's name, as servers default to).
+        Fine-tuning: `tuning_mode` "ptune" / "deep_ptune" (with `pre_seq_len`) or "lora" (with `lora` settings) adds
+        trainable parameters (`seed` for their initialisation); `tuned` loads saved ones (a directory or a repo id
+        in the offline hub at `hub_dir`); `active_adapter` uses a LoRA adapter that servers host.
         """
         config = load_config(model_dir)
         if isinstance(dtype, str):
@@ -208,6 +289,12 @@ class AutoDistributedModelForCausalLM:
         try:
             model = DistributedModelForCausalLM(config, parts, swarm)
             model.eval()
+            model.name_or_path = str(model_dir)
+            model.active_adapter = active_adapter
+            if tuned is not None:
+                model.load_tuning(tuned, hub_dir)
+            elif tuning_mode is not None:
+                model.enable_tuning(TuningConfig(tuning_mode, pre_seq_len, lora or LoraSettings()), seed=seed)
             try:
                 model.generation_config = GenerationConfig.from_pretrained(model_dir)
             except OSError:

@@ -4,12 +4,14 @@ server-side attention caches and survive servers failing (by re-routing and repl
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from corolla.client.checking import OutputChecker, OutputMismatch
+from corolla.client.extras import NO_EXTRAS, Extras
 from corolla.client.routing import Hop
 from corolla.client.swarm import SwarmClient
 from corolla.errors import CorollaError, MissingBlocksError, RemoteError
@@ -58,12 +60,13 @@ def wire_signature(local: torch.Tensor, wire_format: str) -> tuple:
 
 
 def _check_output(output: WireTensor, expected: tuple, local: torch.Tensor, hop: Hop) -> torch.Tensor:
-    """The server's output, checked against what was sent (same shape, dtype and codec), in the local dtype."""
+    """The server's output, checked against what was sent (same shape, dtype and codec), in the local dtype and on
+    the local device (a client whose embeddings and LM head are on a GPU gets its hidden states back there)."""
     if (tuple(output.shape), output.dtype, output.codec) != expected:
         raise _RetryableRemoteError(hop.peer_id, (hop.start, hop.end),
                                     f"returned {list(output.shape)} {output.dtype}/{output.codec}, expected "
                                     f"{list(expected[0])} {expected[1]}/{expected[2]}")
-    return output.to_torch("hidden").to(local.dtype)
+    return output.to_torch("hidden").to(local.device, local.dtype)
 
 
 def _optional(tensor: torch.Tensor | None) -> WireTensor | None:
@@ -105,29 +108,42 @@ class RemoteSequence:
         self.swarm = swarm
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.swarm.call(self._forward(hidden, position_ids, attention_mask), self.swarm.config.call_timeout)
+                attention_mask: torch.Tensor | None = None, extras: Extras = NO_EXTRAS) -> torch.Tensor:
+        return self.swarm.call(self._forward(hidden, position_ids, attention_mask, extras),
+                               self.swarm.config.call_timeout)
 
-    async def _forward(self, hidden, position_ids, attention_mask) -> torch.Tensor:
-        attempts = _Attempts(self.swarm)
-        position, end = 0, self.swarm.num_blocks
+    async def _forward(self, hidden, position_ids, attention_mask, extras: Extras = NO_EXTRAS) -> torch.Tensor:
+        return (await self.forward_span(0, self.swarm.num_blocks, hidden, position_ids, attention_mask, extras))[0]
+
+    async def forward_span(self, start: int, end: int, hidden, position_ids, attention_mask,
+                           extras: Extras = NO_EXTRAS, rows: slice = slice(None),
+                           attempts: "_Attempts | None" = None) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        """Blocks [start, end), re-routing around failed servers; also returns each hop run with its input (what a
+        backward pass needs). `rows`: which batch rows of the extras' prompts these hidden states are."""
+        attempts = attempts or _Attempts(self.swarm)
+        position, inputs = start, []
         while position < end:
-            hop = (await self.swarm.route(position, end, purpose="forward"))[0]
+            hop = (await self.swarm.route(position, end, purpose="forward", adapter=extras.adapter))[0]
             try:
-                hidden = await self._call(hop, hidden, position_ids, attention_mask)
-                position = hop.end
+                output = await self._call(hop, hidden, position_ids, attention_mask, extras, rows)
+                inputs.append((hop, hidden))
+                hidden, position = output, hop.end
             except (_RetryableRemoteError, *_RECOVERABLE) as e:
                 attempts.failed(hop, e)
-                await _no_replacement_names(hop, e, self.swarm.route(position, end, purpose="forward"))
-        return hidden
+                await _no_replacement_names(hop, e, self.swarm.route(position, end, purpose="forward",
+                                                                     adapter=extras.adapter))
+        return hidden, inputs
 
-    async def _call(self, hop: Hop, hidden, position_ids, attention_mask) -> torch.Tensor:
+    async def _call(self, hop: Hop, hidden, position_ids, attention_mask, extras: Extras = NO_EXTRAS,
+                    rows: slice = slice(None)) -> torch.Tensor:
         stream = await self.swarm.connect(hop.peer_id, FORWARD_PROTOCOL)
         try:
             sent = encode_hidden(hidden, self.swarm.config.wire_format)
             await stream.send(ForwardRequest(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
                                              hidden=sent, position_ids=_optional(position_ids),
-                                             attention_mask=_optional(attention_mask)))
+                                             attention_mask=_optional(attention_mask),
+                                             prompts=extras.prompts_for(hop, rows), lora=extras.lora_for(hop),
+                                             adapter=extras.adapter))
             reply = _check_reply(await stream.recv(self.swarm.config.step_timeout), ForwardResult, hop)
             return _check_output(reply.hidden, wire_signature(hidden, self.swarm.config.wire_format), hidden, hop)
         finally:
@@ -176,8 +192,10 @@ class InferenceSession:
     replayed as one prefill before the step continues, so the output is the same as without the failure.
     """
 
-    def __init__(self, swarm: SwarmClient, max_length: int, batch_size: int = 1):
+    def __init__(self, swarm: SwarmClient, max_length: int, batch_size: int = 1, extras: Extras = NO_EXTRAS):
         self.swarm, self.max_length, self.batch_size = swarm, max_length, batch_size
+        self.extras = extras  # deep prompts, LoRA weights or a hosted adapter, for every step
+        self.prefix_tokens = 0  # prompt-tuning positions the model put before the caller's tokens
         self.position = 0
         self._hops: list[_HopSession] = []
         self._positions: torch.Tensor | None = None
@@ -186,7 +204,7 @@ class InferenceSession:
         self.failed_servers: list[str] = []  # peer ids that failed during this session, in order
         self._reorder: torch.Tensor | None = None  # beam-search row order for the servers' caches, sent with the next step
         config = swarm.config
-        self.checker = OutputChecker(swarm, RemoteSequence(swarm)._call,
+        self.checker = OutputChecker(swarm, functools.partial(RemoteSequence(swarm)._call, extras=extras),
                                      config.check_share if config.check_outputs else 0.0, config.check_tolerance,
                                      config.check_strikes)
 
@@ -239,7 +257,8 @@ class InferenceSession:
 
     async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
         if not self._hops:
-            route = await self.swarm.route(0, self.swarm.num_blocks, min_cache_tokens=self._cache_tokens)
+            route = await self.swarm.route(0, self.swarm.num_blocks, min_cache_tokens=self._cache_tokens,
+                                           adapter=self.extras.adapter)
             self._hops = [_HopSession(hop) for hop in route]
         self._step_ids += 1
         attempts = _Attempts(self.swarm, self.failed_servers)
@@ -248,7 +267,7 @@ class InferenceSession:
         while progress.index < len(self._hops):
             hop_session = self._hops[progress.index]
             try:
-                if self._can_push(progress.index):
+                if self._can_push(progress.index, inputs.start):
                     await self._run_pushed(progress, inputs)
                 elif hop_session.needs_replay:
                     full = replay if replay is not None else self._with_history(hop_session, progress.x, inputs.start)
@@ -283,9 +302,11 @@ class InferenceSession:
             await self.checker.check(hop_session.hop, full_input, inputs.positions, inputs.attention_mask,
                                      inputs.start, output)
 
-    def _can_push(self, index: int) -> bool:
+    def _can_push(self, index: int, start: int) -> bool:
         rest = self._hops[index:]
-        return self.swarm.config.use_push and len(rest) > 1 and not any(h.needs_replay for h in rest)
+        # A pushed step carries one hop's deep prompts only: steps at prompt positions go hop by hop.
+        return (self.swarm.config.use_push and len(rest) > 1 and not any(h.needs_replay for h in rest)
+                and start >= self.extras.pre_seq_len)
 
     async def _run_pushed(self, progress: "_Progress", inputs: _StepInputs) -> None:
         """Send the step to hop `index` naming the rest of the chain; each server pushes its output to the next and
@@ -317,7 +338,8 @@ class InferenceSession:
         failed = self._hops[index]
         for hop_session in self._hops[index:]:
             hop_session.close()
-        new_route = await self.swarm.route(failed.hop.start, self.swarm.num_blocks, min_cache_tokens=self._cache_tokens)
+        new_route = await self.swarm.route(failed.hop.start, self.swarm.num_blocks, min_cache_tokens=self._cache_tokens,
+                                           adapter=self.extras.adapter)
         fresh = [_HopSession(hop, needs_replay=True) for hop in new_route]
         fresh[0].history = failed.history  # same first block, so the same inputs
         self._hops[index:] = fresh
@@ -332,7 +354,8 @@ class InferenceSession:
         try:
             await stream.send(OpenSession(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
                                           max_length=self.max_length, batch_size=self.batch_size,
-                                          cache_wait=self.swarm.config.cache_wait))
+                                          cache_wait=self.swarm.config.cache_wait, adapter=self.extras.adapter,
+                                          lora=self.extras.lora_for(hop)))
             opened = _check_reply(await stream.recv(self.swarm.config.step_timeout), SessionOpened, hop)
         except BaseException:
             stream.close()
@@ -347,7 +370,9 @@ class InferenceSession:
                                                hidden=encode_hidden(hidden, self.swarm.config.wire_format),
                                                position_ids=WireTensor.from_torch(position_ids),
                                                attention_mask=_optional(attention_mask), push_to=list(push_to),
-                                               reorder=_optional(reorder)))
+                                               reorder=_optional(reorder),
+                                               prompts=self.extras.prompts_for(hop_session.hop)
+                                               if start < self.extras.pre_seq_len else None))
         except BaseException:
             hop_session.close()  # the stream may be out of sync now; a retry opens a new one
             raise

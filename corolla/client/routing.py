@@ -34,12 +34,14 @@ class RouteFilter:
     banned: frozenset[str] = frozenset()
     allowed: frozenset[str] | None = None  # None = any server
     min_cache_tokens: int = 0  # servers with less announced cache room are skipped
+    adapter: str | None = None  # only servers that host this adapter
 
     def usable(self, servers: list[PeerRecord]) -> list[PeerRecord]:
         return [s for s in servers
                 if s.record.state == ServerState.ONLINE and s.peer_id not in self.banned
                 and (self.allowed is None or s.peer_id in self.allowed)
-                and s.record.cache_tokens_left >= self.min_cache_tokens]
+                and s.record.cache_tokens_left >= self.min_cache_tokens
+                and (self.adapter is None or self.adapter in s.record.adapters)]
 
 
 def missing_ranges(servers: list[PeerRecord], start: int, end: int,

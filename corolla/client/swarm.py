@@ -73,7 +73,7 @@ class SwarmClient:
             self.blocked[peer_id] = reason
             logger.error("server %s is blocked and reported: %s", peer_id, reason)
 
-    def route_filter(self, servers: list[PeerRecord], min_cache_tokens: int) -> RouteFilter:
+    def route_filter(self, servers: list[PeerRecord], min_cache_tokens: int, adapter: str | None = None) -> RouteFilter:
         now = time.monotonic()
         restarted = {s.peer_id for s in servers
                      if s.peer_id in self._bans and s.record.started_at > self._bans[s.peer_id].at}
@@ -83,7 +83,7 @@ class SwarmClient:
         banned = ({peer for peer, ban in self._bans.items() if ban.until > now} | set(self.config.blocked_servers)
                   | set(self.blocked))
         allowed = frozenset(self.config.allowed_servers) if self.config.allowed_servers is not None else None
-        return RouteFilter(banned=frozenset(banned), allowed=allowed, min_cache_tokens=min_cache_tokens)
+        return RouteFilter(banned=frozenset(banned), allowed=allowed, min_cache_tokens=min_cache_tokens, adapter=adapter)
 
     async def _measure_rtts(self, servers: list[PeerRecord], route_filter: RouteFilter) -> dict[str, float]:
         """Round-trip times of usable servers, pinging (concurrently, bounded) those not measured lately."""
@@ -107,18 +107,20 @@ class SwarmClient:
         measured = self._rtts.get(peer_id)
         return measured[0] if measured else None
 
-    async def route(self, start: int, end: int, purpose: str = "inference", min_cache_tokens: int = 0) -> list[Hop]:
+    async def route(self, start: int, end: int, purpose: str = "inference", min_cache_tokens: int = 0,
+                    adapter: str | None = None) -> list[Hop]:
         """A route over [start, end), waiting (bounded) for servers to cover missing blocks.
 
-        purpose="inference": the lowest-latency chain with cache room; "forward": spread by throughput."""
+        purpose="inference": the lowest-latency chain with cache room; "forward": spread by throughput.
+        adapter: use only servers hosting this adapter."""
         deadline = time.monotonic() + self.config.missing_blocks_wait
         refresh = False
         while True:
             servers = await self.servers(refresh=refresh)
-            route_filter = self.route_filter(servers, min_cache_tokens)
+            route_filter = self.route_filter(servers, min_cache_tokens, adapter)
             if purpose == "inference":
                 rtts = await self._measure_rtts(servers, route_filter)
-                route_filter = self.route_filter(servers, min_cache_tokens)  # pings may have banned some
+                route_filter = self.route_filter(servers, min_cache_tokens, adapter)  # pings may have banned some
                 server_rtts = {(s.peer_id, peer): rtt for s in servers
                                for peer, rtt in (getattr(s.record, "next_pings", None) or {}).items()}
                 route = plan_fastest_route(servers, start, end, rtts, route_filter, push=self.config.use_push,
@@ -134,6 +136,10 @@ class SwarmClient:
                     full = ", ".join(f"{a}..{b - 1}" for a, b in missing)
                     raise CacheFullError(f"server cache full: no server of blocks {full} has room for "
                                          f"{min_cache_tokens} more tokens (waited {self.config.missing_blocks_wait:g} s)")
+                if adapter is not None and not missing_ranges(servers, start, end, replace(roomless, adapter=None)):
+                    blocks = ", ".join(f"{a}..{b - 1}" for a, b in missing)
+                    raise MissingBlocksError(missing, self.config.missing_blocks_wait,
+                                             f"no server hosting adapter {adapter!r} serves blocks {blocks}")
                 raise MissingBlocksError(missing, self.config.missing_blocks_wait)
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             refresh = True

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
 from corolla.errors import UnsupportedModelError
+from corolla.models.lora import BlockLora
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,23 @@ class SpanInputs:
     position_ids:    [batch, new_tokens] positions of the new tokens (rotary / learned positions).
     attention_mask:  [batch, past_tokens + new_tokens] 1 for real tokens, 0 for padding; None = no padding.
     cache:           the session's attention cache (None for a stateless forward).
+    lora:            LoRA deltas per block index (models/lora.py); None = the base model.
+    prompts:         [blocks of the request, batch, pre_seq_len, hidden] deep prompts (models/prompts.py), or None.
+    first_position:  position of the first new token (where the prompt positions are among them).
     """
 
     hidden: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     cache: Cache | None
+    lora: dict[int, BlockLora] | None = None
+    prompts: torch.Tensor | None = None
+    first_position: int = 0
+
+    @property
+    def plain(self) -> bool:
+        """No adapter and no prompts: the base model's math, which any request on the same blocks shares."""
+        return not self.lora and self.prompts is None
 
 
 def embed_tokens(config: PretrainedConfig, parts: dict[str, nn.Module], spec: "FamilySpec",

@@ -9,6 +9,11 @@ sends its output straight to the next one as a PushedStep addressed to the clien
 and answers the client on the client's own stream. One client round trip per token instead of one per hop.
 
 Forward (FORWARD_PROTOCOL), one stream per request: client -> ForwardRequest; server -> ForwardResult | ErrorReply.
+Backward (BACKWARD_PROTOCOL), one stream per request: client -> BackwardRequest; server -> BackwardResult | ErrorReply.
+The server recomputes the forward and returns gradients; it keeps nothing, and never updates its weights.
+
+Fine-tuning: a request (or an inference session) may carry deep prompts and the client's own LoRA weights, or name
+an adapter the server hosts. They apply to that request (session) only.
 """
 
 from __future__ import annotations
@@ -20,6 +25,22 @@ from corolla.net.wire import Message, WireTensor, message_type
 INFERENCE_PROTOCOL = "corolla/inference/1"
 FORWARD_PROTOCOL = "corolla/forward/1"
 PUSH_PROTOCOL = "corolla/push/1"
+BACKWARD_PROTOCOL = "corolla/backward/1"
+
+
+class LoraWeights(BaseModel):
+    """The client's own LoRA weights for the blocks of one request or session: y += scale * B (A x).
+
+    Tensors are listed block by block (the request's blocks in order), each block with one A and one B per
+    target, in the order of `targets`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scale: float = Field(gt=0, le=1e4, description="alpha / r")
+    targets: list[str] = Field(min_length=1, max_length=32, description="linear layers' module paths inside a "
+                                                                         "block, e.g. self_attn.q_proj")
+    a: list[WireTensor] = Field(max_length=8192, description="[r, in_features] per (block, target)")
+    b: list[WireTensor] = Field(max_length=8192, description="[out_features, r] per (block, target)")
 
 
 @message_type("open_session")
@@ -31,6 +52,10 @@ class OpenSession(Message):
     batch_size: int = Field(default=1, ge=1, description="sequences per step")
     cache_wait: float = Field(default=10.0, ge=0, le=600, description="seconds a step may wait for cache room "
                                                                        "before the server answers cache_full")
+    adapter: str | None = Field(default=None, max_length=200, description="a LoRA adapter the server hosts, used "
+                                                                          "for this session's steps")
+    lora: LoraWeights | None = Field(default=None, description="the client's own LoRA weights for this session "
+                                                               "(dropped when it closes)")
 
 
 @message_type("session_opened")
@@ -61,6 +86,8 @@ class Step(Message):
                                       description="the rest of the chain: send the output to push_to[0]")
     reorder: WireTensor | None = Field(default=None, description="[batch] int64: before this step, cached row i "
                                                                  "becomes the old row reorder[i] (beam search)")
+    prompts: WireTensor | None = Field(default=None, description="[session blocks, batch, pre_seq_len, hidden] "
+                                                                 "deep prompts, added at positions < pre_seq_len")
 
 
 @message_type("step_result")
@@ -89,11 +116,29 @@ class ForwardRequest(Message):
     hidden: WireTensor = Field(description="[batch, tokens, hidden_size]")
     position_ids: WireTensor | None = Field(default=None, description="[batch, tokens] int64; default 0..tokens-1")
     attention_mask: WireTensor | None = Field(default=None, description="[batch, tokens] int64, 0 = padding")
+    prompts: WireTensor | None = Field(default=None, description="[end_block - start_block, batch, pre_seq_len, "
+                                                                 "hidden] deep prompts added before each block")
+    lora: LoraWeights | None = Field(default=None, description="the client's own LoRA weights for these blocks")
+    adapter: str | None = Field(default=None, max_length=200, description="a LoRA adapter the server hosts")
 
 
 @message_type("forward_result")
 class ForwardResult(Message):
     hidden: WireTensor
+
+
+@message_type("backward_request")
+class BackwardRequest(ForwardRequest):
+    grad_output: WireTensor = Field(description="[batch, tokens, hidden_size] gradient of the loss with respect to "
+                                                "the output of end_block - 1")
+
+
+@message_type("backward_result")
+class BackwardResult(Message):
+    grad_hidden: WireTensor = Field(description="[batch, tokens, hidden_size] gradient w.r.t. the hidden states sent")
+    grad_prompts: WireTensor | None = Field(default=None, description="like the request's prompts, when sent")
+    grad_lora_a: list[WireTensor] = Field(default_factory=list, description="like the request's lora.a")
+    grad_lora_b: list[WireTensor] = Field(default_factory=list, description="like the request's lora.b")
 
 
 @message_type("error")

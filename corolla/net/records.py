@@ -29,7 +29,7 @@ class ServerRecord(BaseModel):
     dtype: str = Field(default="float32", description="compute dtype")
     quant: str = Field(default="none", description="weight quantization")
     adapters: list[str] = Field(default_factory=list, max_length=64, description="adapters this server hosts "
-                                                                                 "(none until adapter serving exists)")
+                                                                                 "(by the names clients ask for)")
     cache_tokens_left: int = Field(default=0, ge=0, description="attention-cache room, in tokens")
     version: str = Field(default="", description="corolla version of the server")
     public_name: str = Field(default="", max_length=100, description="optional human-readable server name")

@@ -3,14 +3,31 @@ see scheduler.py, which owns that thread)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import contextlib
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
+from corolla.models.lora import lora_applied
+from corolla.models.prompts import prompts_applied
 from corolla.models.spec import FamilySpec, SpanInputs
+
+
+@dataclass
+class Gradients:
+    """What a backward pass returns: gradients of the loss with respect to what the client sent."""
+
+    hidden: torch.Tensor  # [batch, tokens, hidden_size], same dtype as the hidden states sent
+    prompts: torch.Tensor | None  # like SpanInputs.prompts, when prompts were sent
+    lora: list[tuple[torch.Tensor, torch.Tensor]]  # (grad A, grad B) per delta, in the order of `lora_order`
+
+
+def lora_order(inputs: SpanInputs) -> list[tuple[int, str]]:
+    """(block, module path) of every delta of a request, in the order gradients are returned."""
+    return [(block, path) for block in sorted(inputs.lora or {}) for path in inputs.lora[block]]
 
 
 class BlockBackend:
@@ -43,20 +60,56 @@ class BlockBackend:
         for begin in range(0, tokens, self.prefill_chunk):
             end = min(begin + self.prefill_chunk, tokens)
             mask = None if inputs.attention_mask is None else inputs.attention_mask[:, :past + end]
-            chunk = SpanInputs(hidden=inputs.hidden[:, begin:end], position_ids=inputs.position_ids[:, begin:end],
-                               attention_mask=mask, cache=cache)
+            chunk = replace(inputs, hidden=inputs.hidden[:, begin:end], position_ids=inputs.position_ids[:, begin:end],
+                            attention_mask=mask, cache=cache, first_position=inputs.first_position + begin)
             outputs.append(self._run_once(start_block, end_block, chunk))
         return torch.cat(outputs, dim=1)
 
-    def _run_once(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
-        wire_dtype = inputs.hidden.dtype
-        on_device = replace(
+    def _on_device(self, inputs: SpanInputs) -> SpanInputs:
+        return replace(
             inputs,
             hidden=inputs.hidden.to(self.device, self.dtype),
             position_ids=inputs.position_ids.to(self.device),
             attention_mask=None if inputs.attention_mask is None else inputs.attention_mask.to(self.device),
+            prompts=None if inputs.prompts is None else inputs.prompts.to(self.device, self.dtype),
         )
+
+    @contextlib.contextmanager
+    def _extras(self, start_block: int, end_block: int, inputs: SpanInputs):
+        """The request's LoRA deltas and deep prompts, hooked onto the blocks for this run only."""
         blocks = self.blocks[start_block - self.start:end_block - self.start]
-        with torch.inference_mode():
+        deltas = [(inputs.lora or {}).get(block) for block in range(start_block, end_block)]
+        with lora_applied(blocks, deltas), prompts_applied(blocks, inputs.prompts, inputs.first_position):
+            yield blocks
+
+    def _run_once(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
+        wire_dtype = inputs.hidden.dtype
+        on_device = self._on_device(inputs)
+        with torch.inference_mode(), self._extras(start_block, end_block, on_device) as blocks:
             output = self.spec.run_span(self.config, self.helpers, blocks, start_block, on_device)
         return output.to("cpu", wire_dtype)
+
+    def backward_sync(self, start_block: int, end_block: int, inputs: SpanInputs,
+                      grad_output: torch.Tensor) -> Gradients:
+        """Gradients of sum(output * grad_output) with respect to the inputs, the prompts and the LoRA weights
+        sent: the forward is recomputed (nothing is kept between requests) and the blocks' own weights get no
+        gradient (they are frozen)."""
+        wire_dtype = inputs.hidden.dtype
+        order = lora_order(inputs)
+        # Leaves on the device, in the compute dtype: the gradients are taken with respect to these.
+        hidden = inputs.hidden.to(self.device, self.dtype).requires_grad_(True)
+        prompts = None if inputs.prompts is None else inputs.prompts.to(self.device, self.dtype).requires_grad_(True)
+        lora = {block: {path: replace(delta, a=delta.a.to(self.device).requires_grad_(True),
+                                      b=delta.b.to(self.device).requires_grad_(True))
+                        for path, delta in deltas.items()} for block, deltas in (inputs.lora or {}).items()}
+        on_device = replace(self._on_device(inputs), hidden=hidden, prompts=prompts, lora=lora or None)
+        with torch.enable_grad(), self._extras(start_block, end_block, on_device) as blocks:
+            output = self.spec.run_span(self.config, self.helpers, blocks, start_block, on_device)
+            leaves = [hidden] + ([prompts] if prompts is not None else [])
+            leaves += [t for block, path in order for t in (lora[block][path].a, lora[block][path].b)]
+            grads = torch.autograd.grad(output, leaves, grad_output.to(self.device, output.dtype), allow_unused=True)
+        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+        grad_prompts = grads[1].to("cpu", inputs.prompts.dtype) if prompts is not None else None
+        rest = grads[1 + (prompts is not None):]
+        return Gradients(hidden=grads[0].to("cpu", wire_dtype), prompts=grad_prompts,
+                         lora=[(rest[2 * i].cpu(), rest[2 * i + 1].cpu()) for i in range(len(order))])

@@ -18,6 +18,10 @@ class ServerConfig:
     dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (default: the "
                                                               "checkpoint's dtype)"})
     model_name: str | None = field(default=None, metadata={"help": "name in the DHT (default: the directory name)"})
+    adapters: tuple[str, ...] = field(default=(), metadata={"help": "PEFT LoRA adapters to host: local directories "
+                                                                    "or repo ids in the offline hub (--hub-dir)"})
+    hub_dir: str | None = field(default=None, metadata={"help": "offline hub directory for adapter repo ids "
+                                                                "(default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)"})
     public_name: str = field(default="", metadata={"help": "a name for this server shown on swarm maps"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     cache_tokens: int = field(default=32768, metadata={"help": "attention-cache budget, in tokens over all sessions"})
@@ -39,7 +43,7 @@ class ServerConfig:
     debug_delay_ms: float = field(default=0.0, metadata={"help": "testing only: add this one-way latency to every "
                                                                  "message received and reply sent (a slow link)"})
     debug_fail_file: str | None = field(default=None, metadata={"help": "testing only: while this file exists, "
-                                                                        "every inference step fails"})
+                                                                        "every step, forward and backward fails"})
     debug_perturb_outputs: float = field(default=0.0, metadata={"help": "testing only: add Gaussian noise of this "
                                                                         "std to every output (a lying server)"})
     wait_for_swarm: float = field(default=10.0, metadata={"help": "seconds to wait for the DHT when choosing blocks"})

@@ -14,12 +14,14 @@ import torch
 
 from corolla.errors import BadRequestError, CacheFullError
 from corolla.models.spec import SpanInputs
-from corolla.net.messages import (PUSH_PROTOCOL, CloseSession, ErrorReply, ForwardRequest, ForwardResult,
-                                  OpenSession, PushedStep, SessionOpened, Step, StepResult)
+from corolla.net.messages import (PUSH_PROTOCOL, BackwardRequest, BackwardResult, CloseSession, ErrorReply,
+                                  ForwardRequest, ForwardResult, OpenSession, PushedStep, SessionOpened, Step,
+                                  StepResult)
 from corolla.net.node import MessageStream, Node
 from corolla.net.wire import FrameTooLargeError, WireTensor
 from corolla.server.backend import BlockBackend
 from corolla.server.cache import CacheManager
+from corolla.server.extras import HostedAdapters, parse_extras, parse_prompts
 from corolla.server.scheduler import Scheduler
 from corolla.server.sessions import Session
 
@@ -96,10 +98,13 @@ def parse_step(step: Step, session: Session, backend: BlockBackend, limits: Limi
     if positions is None:
         positions = torch.arange(step.start, step.start + tokens).unsqueeze(0).expand(batch, -1)
     mask = _int_tensor(step.attention_mask, "attention_mask", (batch, step.start + tokens))
-    return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=session.cache)
+    prompts = parse_prompts(step.prompts, session.end_block - session.start_block, batch, backend.config.hidden_size)
+    return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=session.cache,
+                      lora=session.lora, prompts=prompts, first_position=step.start)
 
 
-def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits) -> SpanInputs:
+def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits,
+                  adapters: HostedAdapters | None = None) -> SpanInputs:
     _check_blocks(backend, request.start_block, request.end_block)
     hidden = _hidden(request.hidden, backend, limits, None)
     batch, tokens, _ = hidden.shape
@@ -109,14 +114,29 @@ def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits
     if positions is None:
         positions = torch.arange(tokens).unsqueeze(0).expand(batch, -1)
     mask = _int_tensor(request.attention_mask, "attention_mask", (batch, tokens))
-    return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=None)
+    blocks = request.end_block - request.start_block
+    prompts = parse_prompts(request.prompts, blocks, batch, backend.config.hidden_size)
+    lora = parse_extras(adapters or HostedAdapters(), request.adapter, request.lora, backend, request.start_block, request.end_block)
+    return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=None, lora=lora,
+                      prompts=prompts)
+
+
+def parse_backward(request: BackwardRequest, backend: BlockBackend, limits: Limits,
+                   adapters: HostedAdapters) -> tuple[SpanInputs, torch.Tensor]:
+    inputs = parse_forward(request, backend, limits, adapters)
+    grad = request.grad_output
+    if not grad.is_float or tuple(grad.shape) != tuple(inputs.hidden.shape):
+        raise BadRequestError(f"grad_output: expected a float tensor of shape {list(inputs.hidden.shape)}, got "
+                              f"{grad.dtype} {list(grad.shape)}")
+    return inputs, grad.to_torch("grad_output")
 
 
 class Handlers:
     def __init__(self, backend: BlockBackend, scheduler: Scheduler, model_id: str, cache: CacheManager,
-                 limits: Limits, node: Node):
+                 limits: Limits, node: Node, adapters: HostedAdapters | None = None):
         self.backend, self.scheduler, self.model_id, self.cache = backend, scheduler, model_id, cache
         self.limits, self.node = limits, node
+        self.adapters = adapters or HostedAdapters()
         self.sessions: dict[str, Session] = {}
 
     def _check_model(self, model_id: str) -> None:
@@ -140,9 +160,11 @@ class Handlers:
         if request.max_length * request.batch_size > self.cache.total_tokens:
             raise CacheFullError(f"server cache full: a session of max_length={request.max_length} x batch "
                                  f"{request.batch_size} could never fit this server's {self.cache.total_tokens} tokens")
+        lora = parse_extras(self.adapters, request.adapter, request.lora, self.backend, request.start_block,
+                            request.end_block)
         session = Session(start_block=request.start_block, end_block=request.end_block,
                           max_length=request.max_length, batch_size=request.batch_size,
-                          cache=self.backend.new_cache(), cache_wait=request.cache_wait, peer_id=peer_id)
+                          cache=self.backend.new_cache(), cache_wait=request.cache_wait, peer_id=peer_id, lora=lora)
         self.sessions[session.session_id] = session
         return session
 
@@ -283,20 +305,33 @@ class Handlers:
                 stale.close()
             return False
 
-    async def forward(self, stream: MessageStream) -> None:
+    async def _request(self, stream: MessageStream, expected: type):
+        """The one request of a forward or backward stream, checked; None when it was answered with an error."""
         try:
             request = await stream.recv(timeout=self.limits.open_timeout)
-            if not isinstance(request, ForwardRequest):
-                raise BadRequestError(f"expected forward_request, got {request.TYPE}")
+            if type(request) is not expected:
+                raise BadRequestError(f"expected {expected.TYPE}, got {request.TYPE}")
             self._check_model(request.model_id)
-            inputs = parse_forward(request, self.backend, self.limits)
+            return request
+        except BadRequestError as e:
+            await _reply_error(stream, e)
+        except (EOFError, ConnectionError, asyncio.TimeoutError):
+            pass
+        return None
+
+    async def forward(self, stream: MessageStream) -> None:
+        request = await self._request(stream, ForwardRequest)
+        if request is None:
+            return
+        try:
+            inputs = parse_forward(request, self.backend, self.limits, self.adapters)
         except BadRequestError as e:
             await _reply_error(stream, e)
             return
-        except (EOFError, ConnectionError, asyncio.TimeoutError):
-            return
         await self._delay()  # emulated wide-area link, inbound
         try:
+            if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
+                raise RuntimeError("failure injected for testing (--debug-fail-file)")
             output = await self.scheduler.run(request.start_block, request.end_block, inputs, inference=False)
         except Exception as e:
             logger.exception("forward failed")
@@ -305,6 +340,32 @@ class Handlers:
         await self._delay()
         await stream.send(ForwardResult(hidden=WireTensor.from_torch(self._perturbed(output),
                                                                      codec=request.hidden.codec)))
+
+    async def backward(self, stream: MessageStream) -> None:
+        request = await self._request(stream, BackwardRequest)
+        if request is None:
+            return
+        try:
+            inputs, grad_output = parse_backward(request, self.backend, self.limits, self.adapters)
+        except BadRequestError as e:
+            await _reply_error(stream, e)
+            return
+        await self._delay()  # emulated wide-area link, inbound
+        try:
+            if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
+                raise RuntimeError("failure injected for testing (--debug-fail-file)")
+            grads = await self.scheduler.run(request.start_block, request.end_block, inputs, inference=False,
+                                             grad_output=grad_output)
+        except Exception as e:
+            logger.exception("backward failed")
+            await _reply_error(stream, e, kind="internal")
+            return
+        await self._delay()
+        await stream.send(BackwardResult(
+            grad_hidden=WireTensor.from_torch(grads.hidden, codec=request.hidden.codec),
+            grad_prompts=None if grads.prompts is None else WireTensor.from_torch(grads.prompts),
+            grad_lora_a=[WireTensor.from_torch(a) for a, _ in grads.lora],
+            grad_lora_b=[WireTensor.from_torch(b) for _, b in grads.lora]))
 
     def _perturbed(self, output: torch.Tensor) -> torch.Tensor:
         if self.limits.perturb <= 0:

@@ -1,7 +1,7 @@
 """The compute thread's loop: plan a batch, compute it, hand back the results (vLLM's engine step, small).
 
 Handlers submit work and await a future; they never touch the device. Inference steps come before forward
-requests. Single-token decode steps of different sessions over the same blocks are run as one forward
+requests and backward passes. Single-token decode steps of different sessions over the same blocks are run as one forward
 (continuous batching: sessions of different lengths together), each session keeping its own cache:
 their caches are stacked left-padded into a temporary one, a padding mask hides the pads, and afterwards each
 session's cache holds views of its rows of the result (its own entries, the new token's included). The math per
@@ -35,17 +35,22 @@ class Work:
     inference: bool  # inference steps have priority over forward requests
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop = field(repr=False)
+    grad_output: torch.Tensor | None = None  # set for a backward pass: the gradient of the loss w.r.t. the output
 
     @property
     def batchable(self) -> bool:
-        """A decode step with a plain cache and no padding can share a forward with others."""
+        """A decode step with a plain cache, no padding and no deep prompts can share a forward with others (those
+        with the same LoRA weights: see _group)."""
         inputs = self.inputs
         return (self.inference and inputs.cache is not None and inputs.hidden.shape[1] == 1
-                and inputs.attention_mask is None and _plain_layers(inputs.cache, self.start_block, self.end_block))
+                and inputs.attention_mask is None and inputs.prompts is None
+                and _plain_layers(inputs.cache, self.start_block, self.end_block))
 
 
 def _group(work: Work) -> tuple:
-    return work.start_block, work.end_block, work.inputs.hidden.dtype
+    # Sessions share a forward only with the same adapter: the same hosted adapter object, or none.
+    adapter = id(work.inputs.lora) if work.inputs.lora else None
+    return work.start_block, work.end_block, work.inputs.hidden.dtype, adapter
 
 
 def _plain_layers(cache, start: int, end: int) -> bool:
@@ -72,9 +77,12 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="corolla-compute", daemon=True)
         self._thread.start()
 
-    async def run(self, start_block: int, end_block: int, inputs: SpanInputs, inference: bool) -> torch.Tensor:
+    async def run(self, start_block: int, end_block: int, inputs: SpanInputs, inference: bool,
+                  grad_output: torch.Tensor | None = None):
+        """The output of blocks [start_block, end_block) on `inputs`; with `grad_output`, a backward pass instead
+        (returns backend.Gradients)."""
         loop = asyncio.get_running_loop()
-        work = Work(start_block, end_block, inputs, inference, loop.create_future(), loop)
+        work = Work(start_block, end_block, inputs, inference, loop.create_future(), loop, grad_output)
         with self._wake:
             (self._inference if inference else self._forward).append(work)
             self._wake.notify()
@@ -122,6 +130,8 @@ class Scheduler:
         self.stats.steps += 1
         if len(batch) == 1:
             work = batch[0]
+            if work.grad_output is not None:
+                return [self.backend.backward_sync(work.start_block, work.end_block, work.inputs, work.grad_output)]
             return [self.backend.run_sync(work.start_block, work.end_block, work.inputs)]
         self.stats.batched_requests += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -148,7 +158,7 @@ class Scheduler:
                         torch.ones(size, length + 1, dtype=torch.int64)], dim=1) for size, length in zip(sizes, lengths)])
         inputs = SpanInputs(hidden=torch.cat([work.inputs.hidden for work in batch]),
                             position_ids=torch.cat([work.inputs.position_ids for work in batch]),
-                            attention_mask=mask, cache=stacked)
+                            attention_mask=mask, cache=stacked, lora=batch[0].inputs.lora)
         output = self.backend.run_sync(start, end, inputs)
         # Each session's cache becomes its rows of the stacked cache (views: no copies, no kernel launches). The
         # next batched step stacks them again; a step alone appends to them as to any cache.

@@ -21,10 +21,11 @@ from corolla.models.checkpoint import (DTYPES, Checkpoint, checkpoint_names, con
 from corolla.models.embedded import cache_dir
 from corolla.models.spec import family_for
 from corolla.net.directory import read_servers
-from corolla.net.messages import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, PUSH_PROTOCOL
+from corolla.net.messages import BACKWARD_PROTOCOL, FORWARD_PROTOCOL, INFERENCE_PROTOCOL, PUSH_PROTOCOL
 from corolla.net.node import MessageStream, NetworkConfig, Node
 from corolla.net.ping import measure_rtt, serve_ping
 from corolla.net.records import ServerRecord, ServerState, block_key
+from corolla.server.adapters import load_adapters
 from corolla.server.backend import BlockBackend
 from corolla.server.cache import CacheManager
 from corolla.server.config import ServerConfig
@@ -131,8 +132,12 @@ class Server:
                         session_idle_timeout=self.config.session_idle_timeout,
                         link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file,
                         perturb=self.config.debug_perturb_outputs)
+        adapters = load_adapters(self.config.adapters, self.spec, blocks, start, self.device, self.dtype,
+                                 self.config.hub_dir)
+        if adapters.names:
+            logger.info("hosting adapters: %s", ", ".join(adapters.names))
         scheduler = Scheduler(backend, max_batch=self.config.max_batch_size)
-        handlers = Handlers(backend, scheduler, self.model_id, self.cache, limits, node)
+        handlers = Handlers(backend, scheduler, self.model_id, self.cache, limits, node, adapters)
         return Serving(start, end, backend, scheduler, handlers, throughput)
 
     def _record(self, state: ServerState, node: Node) -> ServerRecord:
@@ -145,7 +150,8 @@ class Server:
                             dtype=str(self.dtype).removeprefix("torch."), quant=self.config.quant,
                             cache_tokens_left=self.cache.tokens_left if state == ServerState.ONLINE else 0,
                             version=corolla.__version__, public_name=self.config.public_name,
-                            started_at=self.started_at, next_pings=self.next_pings)
+                            started_at=self.started_at, next_pings=self.next_pings,
+                            adapters=serving.handlers.adapters.names if serving else [])
 
     async def _announce(self, node: Node, state: ServerState) -> None:
         expiration = time.time() + 3 * self.config.announce_period
@@ -164,10 +170,14 @@ class Server:
         async def push(stream: MessageStream) -> None:
             await self.serving.handlers.push(stream)
 
+        async def backward(stream: MessageStream) -> None:
+            await self.serving.handlers.backward(stream)
+
         max_bytes = int(self.config.max_request_mb * 2**20)
         await node.serve(INFERENCE_PROTOCOL, inference, max_frame_bytes=max_bytes)
         await node.serve(FORWARD_PROTOCOL, forward, max_frame_bytes=max_bytes)
         await node.serve(PUSH_PROTOCOL, push, max_frame_bytes=max_bytes)
+        await node.serve(BACKWARD_PROTOCOL, backward, max_frame_bytes=max_bytes)
         await serve_ping(node, reply_delay=2 * self.config.debug_delay_ms / 1000)
 
     async def _serve_span(self, node: Node, start: int, end: int) -> None:

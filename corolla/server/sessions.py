@@ -25,6 +25,7 @@ class Session:
     cache: Cache
     cache_wait: float  # seconds a step may wait for cache pages before failing
     peer_id: str  # the client that opened it
+    lora: dict | None = None  # LoRA deltas per block for every step (a hosted adapter's or the client's own)
     length: int = 0
     # Secret: whoever knows it (the client, and the servers it tells) may push steps into this session.
     session_id: str = field(default_factory=lambda: secrets.token_hex(16))
