@@ -237,3 +237,31 @@ def test_prompt_tuning_saved_in_peft_format_loads_in_plain_peft(client, referenc
         logits = plain(input_ids=ids).logits[:, 4:]  # peft returns the prompt positions' logits too
     assert (logits - swarm_logits).abs().max() < 1e-4
     assert (reference(ids).logits - swarm_logits).abs().max() > 1e-3
+
+
+def test_a_clients_lora_session_does_not_leak_into_anothers(client, reference, tiny_llama, tiny_swarm):
+    """Two clients decode at the same time on the same servers, one with its own LoRA weights: each gets exactly
+    its own model's tokens (the weights travel with the session and apply to its steps only)."""
+    import threading
+
+    ids = batch(8, size=1, length=5)
+    tuned = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=tiny_swarm.initial_peers,
+                                                            tuning_mode="lora", lora=LORA, seed=4)
+    try:
+        with torch.no_grad():
+            for weight in tuned.tuning.lora_weights:
+                weight.normal_(0, 0.3)
+        want_tuned = peft_twin(reference, tuned.tuning).generate(ids, max_new_tokens=16, do_sample=False)
+        want_plain = reference.generate(ids, max_new_tokens=16, do_sample=False)
+        results = {}
+        threads = [threading.Thread(target=lambda m=m, k=k: results.__setitem__(k, m.generate(
+            ids, max_new_tokens=16, do_sample=False))) for k, m in (("tuned", tuned), ("plain", client))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert results["tuned"].tolist() == want_tuned.tolist()
+        assert results["plain"].tolist() == want_plain.tolist()
+        assert want_tuned.tolist() != want_plain.tolist()
+    finally:
+        tuned.close()
