@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from swarm_latency import make_model  # noqa: E402
 
 from corolla import AutoDistributedModelForCausalLM  # noqa: E402
-from corolla.client.tuning import TuningConfig  # noqa: E402
 from corolla.launch import LocalSwarm, split_blocks  # noqa: E402
 from corolla.models.lora import LoraSettings  # noqa: E402
 

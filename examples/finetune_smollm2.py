@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.client.tuning import TuningConfig
 from corolla.launch import LocalSwarm, split_blocks
 from corolla.models.embedded import ensure_embedded_model
 from corolla.models.lora import LoraSettings

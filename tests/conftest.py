@@ -58,3 +58,21 @@ def tiny_swarm(tiny_llama, request):
     with LocalSwarm(OUTPUT_DIR / f"{request.module.__name__}-tiny-swarm") as swarm:
         start_swarm(swarm, tiny_llama, [(0, 2), (2, 4), (4, 5)])
         yield swarm
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """The tiny Llama in plain transformers (what swarm results are compared with)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_swarm, tiny_llama):
+    """A Corolla client of `tiny_swarm`."""
+    from corolla import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=tiny_swarm.initial_peers)
+    yield model
+    model.close()

@@ -10,7 +10,6 @@ import threading
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from conftest import OUTPUT_DIR, start_swarm
 from corolla import AutoDistributedModelForCausalLM
@@ -32,11 +31,6 @@ def make_adapter(base, directory, seed: int, targets: list[str]):
                 param.normal_(0, 0.2)
     model.save_pretrained(directory)
     return directory
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
 
 
 @pytest.fixture(scope="module")

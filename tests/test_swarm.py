@@ -16,18 +16,6 @@ from corolla.client.config import ClientConfig
 from corolla.errors import CorollaError, MissingBlocksError
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-
-
-@pytest.fixture(scope="module")
-def client(tiny_swarm, tiny_llama):
-    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=tiny_swarm.initial_peers)
-    yield model
-    model.close()
-
-
 def test_forward_logits_match(client, reference):
     ids = torch.randint(3, 320, (2, 11))
     with torch.no_grad():

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from conftest import peer_of, start_swarm
 from corolla import AutoDistributedModelForCausalLM
@@ -19,18 +17,6 @@ from corolla.models.lora import LoraSettings
 
 ATOL = 1e-5
 LORA = LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-
-
-@pytest.fixture(scope="module")
-def client(tiny_swarm, tiny_llama):
-    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=tiny_swarm.initial_peers)
-    yield model
-    model.close()
 
 
 def batch(seed: int = 0, size: int = 3, length: int = 10) -> torch.Tensor:

@@ -305,67 +305,50 @@ class Handlers:
                 stale.close()
             return False
 
-    async def _request(self, stream: MessageStream, expected: type):
-        """The one request of a forward or backward stream, checked; None when it was answered with an error."""
+    async def forward(self, stream: MessageStream) -> None:
+        await self._one_request(stream, ForwardRequest, self._forward_reply)
+
+    async def backward(self, stream: MessageStream) -> None:
+        await self._one_request(stream, BackwardRequest, self._backward_reply)
+
+    async def _one_request(self, stream: MessageStream, expected: type, answer) -> None:
+        """A stateless stream: read its one request, check it, compute, answer; errors are answered by name."""
         try:
             request = await stream.recv(timeout=self.limits.open_timeout)
             if type(request) is not expected:
                 raise BadRequestError(f"expected {expected.TYPE}, got {request.TYPE}")
             self._check_model(request.model_id)
-            return request
+            reply = await answer(request)
         except BadRequestError as e:
             await _reply_error(stream, e)
+            return
         except (EOFError, ConnectionError, asyncio.TimeoutError):
-            pass
-        return None
-
-    async def forward(self, stream: MessageStream) -> None:
-        request = await self._request(stream, ForwardRequest)
-        if request is None:
             return
-        try:
-            inputs = parse_forward(request, self.backend, self.limits, self.adapters)
-        except BadRequestError as e:
-            await _reply_error(stream, e)
-            return
-        await self._delay()  # emulated wide-area link, inbound
-        try:
-            if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
-                raise RuntimeError("failure injected for testing (--debug-fail-file)")
-            output = await self.scheduler.run(request.start_block, request.end_block, inputs, inference=False)
         except Exception as e:
-            logger.exception("forward failed")
+            logger.exception("%s failed", expected.TYPE)
             await _reply_error(stream, e, kind="internal")
             return
-        await self._delay()
-        await stream.send(ForwardResult(hidden=WireTensor.from_torch(self._perturbed(output),
-                                                                     codec=request.hidden.codec)))
+        await self._delay()  # emulated wide-area link, outbound
+        await stream.send(reply)
 
-    async def backward(self, stream: MessageStream) -> None:
-        request = await self._request(stream, BackwardRequest)
-        if request is None:
-            return
-        try:
-            inputs, grad_output = parse_backward(request, self.backend, self.limits, self.adapters)
-        except BadRequestError as e:
-            await _reply_error(stream, e)
-            return
+    async def _compute(self, request: ForwardRequest, inputs: SpanInputs, grad_output: torch.Tensor | None = None):
         await self._delay()  # emulated wide-area link, inbound
-        try:
-            if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
-                raise RuntimeError("failure injected for testing (--debug-fail-file)")
-            grads = await self.scheduler.run(request.start_block, request.end_block, inputs, inference=False,
-                                             grad_output=grad_output)
-        except Exception as e:
-            logger.exception("backward failed")
-            await _reply_error(stream, e, kind="internal")
-            return
-        await self._delay()
-        await stream.send(BackwardResult(
-            grad_hidden=WireTensor.from_torch(grads.hidden, codec=request.hidden.codec),
-            grad_prompts=None if grads.prompts is None else WireTensor.from_torch(grads.prompts),
-            grad_lora_a=[WireTensor.from_torch(a) for a, _ in grads.lora],
-            grad_lora_b=[WireTensor.from_torch(b) for _, b in grads.lora]))
+        if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
+            raise RuntimeError("failure injected for testing (--debug-fail-file)")
+        return await self.scheduler.run(request.start_block, request.end_block, inputs, inference=False,
+                                        grad_output=grad_output)
+
+    async def _forward_reply(self, request: ForwardRequest) -> ForwardResult:
+        output = await self._compute(request, parse_forward(request, self.backend, self.limits, self.adapters))
+        return ForwardResult(hidden=WireTensor.from_torch(self._perturbed(output), codec=request.hidden.codec))
+
+    async def _backward_reply(self, request: BackwardRequest) -> BackwardResult:
+        inputs, grad_output = parse_backward(request, self.backend, self.limits, self.adapters)
+        grads = await self._compute(request, inputs, grad_output)
+        return BackwardResult(grad_hidden=WireTensor.from_torch(grads.hidden, codec=request.hidden.codec),
+                              grad_prompts=None if grads.prompts is None else WireTensor.from_torch(grads.prompts),
+                              grad_lora_a=[WireTensor.from_torch(a) for a, _ in grads.lora],
+                              grad_lora_b=[WireTensor.from_torch(b) for _, b in grads.lora])
 
     def _perturbed(self, output: torch.Tensor) -> torch.Tensor:
         if self.limits.perturb <= 0:
