@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model browser demo test test-long bench clean
+.PHONY: setup model browser demo test test-long bench bench-petals clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,23 @@ test-long: model browser
 
 bench: model
 	$(BIN)/python benchmarks/swarm_latency.py
+	@echo "Petals 2.2 side by side in the same run, same model files: make bench-petals (docs/benchmarks.md)"
+
+# Petals 2.2 measured in the same run as Corolla (benchmarks/petals_compare.py). The Petals venv and the tiny-llama
+# model are made by the anchor's own setup.sh / make_models.py, called where they are (shared/anchors/petals).
+# Options: PETALS_ANCHOR=dir ANCHORS=dir (venv + models, the anchor's variable) BENCH_ARGS='--runs 5 --json out.json'
+PETALS_ANCHOR ?= $(abspath $(CURDIR)/../shared/anchors/petals)
+ANCHORS ?= $(HOME)/.cache/corolla-anchors
+PETALS_VENV := $(ANCHORS)/petals-venv
+BENCH_ARGS ?=
+bench-petals: setup
+	@test -f "$(PETALS_ANCHOR)/setup.sh" || { echo "no Petals anchor at $(PETALS_ANCHOR) (set PETALS_ANCHOR=...)"; exit 1; }
+	@if ! "$(PETALS_VENV)/bin/python" -c 'import petals' >/dev/null 2>&1; then \
+	  echo "Making the Petals venv with the anchor's setup.sh -> $(PETALS_VENV) ..."; \
+	  VENV="$(PETALS_VENV)" bash "$(PETALS_ANCHOR)/setup.sh"; \
+	fi
+	$(BIN)/python benchmarks/petals_compare.py --anchor-dir "$(PETALS_ANCHOR)" --petals-venv "$(PETALS_VENV)" \
+	  --models "$(ANCHORS)/models" $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-output
