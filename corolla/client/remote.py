@@ -135,15 +135,14 @@ class RemoteSequence:
 
 
 class _History:
-    """The inputs sent to one hop for positions [0, length), kept for replays and output checks.
+    """The inputs sent to one hop for every position it holds, kept for replays and output checks.
 
     Held in a buffer that grows by doubling, so a decode step writes only its new tokens. Concatenating the whole
     past on every step cost O(length) per token, and its size started an OpenMP thread team on the network thread
     whose spinning worker burnt ~7 ms of CPU per token (measured: docs/benchmarks.md, "Hot-path cuts")."""
 
     def __init__(self) -> None:
-        self._buffer: torch.Tensor | None = None
-        self.length = 0
+        self._buffer: torch.Tensor | None = None  # [batch, capacity, hidden]
 
     def put(self, start: int, x: torch.Tensor) -> torch.Tensor:
         """Record x as the inputs for positions [start, start + n), dropping later ones; returns those for
@@ -156,7 +155,6 @@ class _History:
                 grown[:, :start] = self._buffer[:, :start]
             self._buffer = grown
         self._buffer[:, start:end] = x
-        self.length = end
         return self._buffer[:, :end]
 
     def reorder(self, order: torch.Tensor) -> None:
@@ -334,6 +332,7 @@ class InferenceSession:
             progress.advance(output)
             if not reply_pushed:
                 return  # the next server did not get it: the caller continues hop by hop from here
+
     async def _reroute(self, index: int) -> None:
         """Replace hops index.. with a new route from the failed hop's first block; they will replay history."""
         failed = self._hops[index]
