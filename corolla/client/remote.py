@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -150,10 +150,38 @@ class RemoteSequence:
             stream.close()
 
 
+class _History:
+    """The inputs sent to one hop for every position it holds, kept for replays and output checks.
+
+    Held in a buffer that grows by doubling, so a decode step writes only its new tokens. Concatenating the whole
+    past on every step cost O(length) per token, and its size started an OpenMP thread team on the network thread
+    whose spinning worker burnt ~7 ms of CPU per token (measured: docs/benchmarks.md, "Hot-path cuts")."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None  # [batch, capacity, hidden]
+
+    def put(self, start: int, x: torch.Tensor) -> torch.Tensor:
+        """Record x as the inputs for positions [start, start + n), dropping later ones; returns those for
+        [0, start + n) (a view, valid until the next put)."""
+        end = start + x.shape[1]
+        if self._buffer is None or end > self._buffer.shape[1] or self._buffer.shape[0] != x.shape[0]:
+            capacity = max(end, 2 * self._buffer.shape[1] if self._buffer is not None else 0)
+            grown = x.new_empty((x.shape[0], capacity, *x.shape[2:]))
+            if start:
+                grown[:, :start] = self._buffer[:, :start]
+            self._buffer = grown
+        self._buffer[:, start:end] = x
+        return self._buffer[:, :end]
+
+    def reorder(self, order: torch.Tensor) -> None:
+        if self._buffer is not None:
+            self._buffer = self._buffer.index_select(0, order)
+
+
 @dataclass
 class _HopSession:
     hop: Hop
-    history: torch.Tensor | None = None  # inputs to block hop.start for positions [0, cached length)
+    history: _History = field(default_factory=_History)  # inputs to block hop.start (shared with a replacement)
     needs_replay: bool = False  # a fresh server: must first receive the whole history
     stream: MessageStream | None = None
     session_id: str | None = None  # the server's secret token for this session (lets servers push to it)
@@ -223,8 +251,7 @@ class InferenceSession:
         if order.shape != (self.batch_size,):
             raise CorollaError(f"reorder needs {self.batch_size} indices, got shape {tuple(order.shape)}")
         for hop_session in self._hops:
-            if hop_session.history is not None:
-                hop_session.history = hop_session.history.index_select(0, order)
+            hop_session.history.reorder(order)
         if self._positions is not None:
             self._positions = self._positions.index_select(0, order)
         self._reorder = order if self._reorder is None else self._reorder.index_select(0, order)
@@ -270,21 +297,21 @@ class InferenceSession:
                 if self._can_push(progress.index, inputs.start):
                     await self._run_pushed(progress, inputs)
                 elif hop_session.needs_replay:
-                    full = replay if replay is not None else self._with_history(hop_session, progress.x, inputs.start)
+                    full = hop_session.history.put(0, replay) if replay is not None else \
+                        hop_session.history.put(inputs.start, progress.x)
                     await self._ensure_open(hop_session)
                     await self._send_step(hop_session, full, 0, inputs.positions, inputs.attention_mask)
                     replay = await self._receive(hop_session, full)
                     await self._maybe_check(hop_session, full, inputs, replay[:, inputs.start:])
-                    hop_session.history, hop_session.needs_replay = full, False
+                    hop_session.needs_replay = False
                     progress.advance(replay[:, inputs.start:])
                 else:
                     await self._ensure_open(hop_session)
                     await self._send_step(hop_session, progress.x, inputs.start, inputs.positions[:, inputs.start:],
                                           inputs.attention_mask, reorder=self._reorder)
                     output = await self._receive(hop_session, progress.x)
-                    full = self._with_history(hop_session, progress.x, inputs.start)
+                    full = hop_session.history.put(inputs.start, progress.x)
                     await self._maybe_check(hop_session, full, inputs, output)
-                    hop_session.history = full
                     progress.advance(output)
             except (_RetryableRemoteError, OutputMismatch, *_RECOVERABLE) as e:
                 # The hop that failed: the one being run, or one further down a push chain being opened (then the
@@ -321,17 +348,11 @@ class InferenceSession:
                               inputs.attention_mask, push_to=targets, reorder=self._reorder)
         for hop_session in chain:
             reply_pushed, output = await self._receive(hop_session, progress.x, want_pushed=True)
-            full = self._with_history(hop_session, progress.x, inputs.start)
+            full = hop_session.history.put(inputs.start, progress.x)
             await self._maybe_check(hop_session, full, inputs, output)
-            hop_session.history = full
             progress.advance(output)
             if not reply_pushed:
                 return  # the next server did not get it: the caller continues hop by hop from here
-    @staticmethod
-    def _with_history(hop_session: _HopSession, x: torch.Tensor, start: int) -> torch.Tensor:
-        if hop_session.history is None or start == 0:
-            return x
-        return torch.cat([hop_session.history[:, :start], x], dim=1)
 
     async def _reroute(self, index: int) -> None:
         """Replace hops index.. with a new route from the failed hop's first block; they will replay history."""

@@ -65,7 +65,9 @@ class MessageStream:
 
     async def recv(self, timeout: float | None = None) -> Message:
         """Next message; EOFError if the peer closed cleanly, TimeoutError after `timeout` seconds."""
-        return await asyncio.wait_for(read_frame(self._reader, self._max_frame_bytes, self._meter), timeout)
+        # asyncio.timeout, not wait_for: wait_for wraps the read in a new task (extra loop turns on every message).
+        async with asyncio.timeout(timeout):
+            return await read_frame(self._reader, self._max_frame_bytes, self._meter)
 
     def close(self) -> None:
         if not self._writer.is_closing():

@@ -246,7 +246,8 @@ class Handlers:
     async def _serve_steps(self, stream: MessageStream, session: Session) -> None:
         while True:
             try:
-                message = await asyncio.wait_for(session.inbox.get(), self.limits.session_idle_timeout)
+                async with asyncio.timeout(self.limits.session_idle_timeout):  # no extra task per step
+                    message = await session.inbox.get()
             except asyncio.TimeoutError:
                 await _reply_error(stream, BadRequestError(
                     f"session idle for more than {self.limits.session_idle_timeout:.0f} s; closed"))

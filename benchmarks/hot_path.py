@@ -1,0 +1,215 @@
+"""Fixed costs of the decode hot path, measured piece by piece (issue 8; results in docs/benchmarks.md,
+"Hot-path cuts"). Each figure is the median over rounds of the median (or min) of many repetitions, so short
+bursts of other load on the machine change it little.
+
+    .venv/bin/python benchmarks/hot_path.py            # micro-benchmarks, one process, no network (~1 min)
+    .venv/bin/python benchmarks/hot_path.py --swarm    # also: CPU per token of each client thread and each
+                                                       # swarm process (tiny-llama, 2 servers, 128 tokens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import timeit
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from corolla.models.rotary import cached_layer_types, layer_types  # noqa: E402
+from corolla.models.spec import SpanInputs  # noqa: E402
+from corolla.server.scheduler import Scheduler  # noqa: E402
+
+
+def frames() -> None:
+    """One 2400-byte frame sent and received over a socketpair: header and payload written separately and read
+    under asyncio.wait_for (before) against one write and asyncio.timeout (now)."""
+
+    async def run():
+        a, b = socket.socketpair()
+        _, writer = streams_a = await asyncio.open_connection(sock=a)  # noqa: F841 (both ends must stay referenced)
+        reader, _ = streams_b = await asyncio.open_connection(sock=b)  # noqa: F841
+        payload = b"x" * 2400
+
+        async def before():
+            writer.write(b"abcd")
+            writer.write(payload)
+            await writer.drain()
+            return await asyncio.wait_for(reader.readexactly(2404), 10)
+
+        async def now():
+            writer.write(b"abcd" + payload)
+            await writer.drain()
+            async with asyncio.timeout(10):
+                return await reader.readexactly(2404)
+
+        results = {"before": [], "now": []}
+        for _ in range(5):
+            for name, one in (("before", before), ("now", now)):
+                times = []
+                for _ in range(2000):
+                    began = time.perf_counter()
+                    await one()
+                    times.append(time.perf_counter() - began)
+                results[name].append(statistics.median(times))
+        for name, values in results.items():
+            print(f"frame send+receive, {name:6}: {statistics.median(values) * 1e6:6.1f} us")
+
+    asyncio.run(run())
+
+
+def layer_type_lookup() -> None:
+    config = LlamaConfig(hidden_size=512, num_hidden_layers=8)
+    for name, function in (("layer_types", layer_types), ("cached_layer_types", cached_layer_types)):
+        best = min(timeit.repeat(lambda: function(config), number=2000, repeat=5)) / 2000
+        print(f"{name:18} per step: {best * 1e6:8.2f} us")
+
+
+def history() -> None:
+    """Keeping a hop's input history at 84 tokens of hidden 512, on a thread other than the main one (as on the
+    client's network thread): concatenating it (before) against writing the new token into a buffer (now); and the
+    CPU time that the process's other threads (OpenMP workers) burn meanwhile."""
+    past, x = torch.randn(1, 83, 512), torch.randn(1, 1, 512)
+    buffer = torch.empty(1, 128, 512)
+
+    def before():
+        torch.cat([past, x], dim=1)
+
+    def now():
+        buffer[:, 83:84] = x
+
+    def run_in_thread(function, n=2000):
+        # As on the client: tensor work on a thread other than the one that first used torch.
+        result = {}
+
+        def body():
+            function()
+            began = time.perf_counter()
+            for _ in range(n):
+                function()
+            result["seconds"] = (time.perf_counter() - began) / n
+            cpu, own = time.process_time(), time.thread_time()
+            for _ in range(n):
+                function()
+                time.sleep(0.0002)  # as between decode steps: other threads' spinning shows in the process's CPU
+            result["others"] = ((time.process_time() - cpu) - (time.thread_time() - own)) / n
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        thread.join()
+        return result
+
+    for name, function in (("before (torch.cat)", before), ("now (buffer write)", now)):
+        result = run_in_thread(function)
+        print(f"history update, {name}: {result['seconds'] * 1e6:6.1f} us per step; with 0.2 ms pauses, "
+              f"CPU of other threads meanwhile {result['others'] * 1e6:6.1f} us per step")
+
+
+def thread_hops() -> None:
+    """Measured, not changed: the server's hand-off to its compute thread and the client's to its network thread."""
+
+    class Noop:
+        def run_sync(self, start, end, inputs):
+            return inputs.hidden
+
+    async def scheduler_round_trip():
+        scheduler = Scheduler(Noop())
+        inputs = SpanInputs(torch.zeros(1, 1, 8), torch.zeros(1, 1, dtype=torch.long), None, None)
+        times = []
+        for _ in range(2000):
+            began = time.perf_counter()
+            await scheduler.run(0, 1, inputs, inference=False)
+            times.append(time.perf_counter() - began)
+        scheduler.shutdown()
+        return statistics.median(times[200:])
+
+    print(f"server: asyncio loop -> compute thread -> loop: {asyncio.run(scheduler_round_trip()) * 1e6:6.1f} us")
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def noop():
+        return None
+
+    times = []
+    for _ in range(3000):
+        began = time.perf_counter()
+        asyncio.run_coroutine_threadsafe(noop(), loop).result()
+        times.append(time.perf_counter() - began)
+    loop.call_soon_threadsafe(loop.stop)
+    print(f"client: caller thread -> network thread -> caller: {statistics.median(times[500:]) * 1e6:6.1f} us")
+
+
+def swarm_cpu(new_tokens: int = 128) -> None:
+    """CPU time per token of each client thread and each swarm process, during one greedy generation."""
+    import psutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from swarm_latency import make_model
+
+    from corolla import AutoDistributedModelForCausalLM
+    from corolla.launch import LocalSwarm, split_blocks
+
+    workdir = Path(tempfile.mkdtemp(prefix="corolla-hot-path-"))
+    model_dir = make_model(workdir / "tiny-llama")
+    torch.manual_seed(1)
+    input_ids = torch.cat([torch.tensor([[1]]), torch.randint(3, 32000, (1, 19))], dim=1)
+
+    def cpu_by_process():
+        me = psutil.Process()
+        result = {}
+        for process in [me] + me.children(recursive=True):
+            try:
+                times = process.cpu_times()
+                name = "client" if process.pid == me.pid else " ".join(process.cmdline()[2:4])[:40]
+                result[process.pid] = (name or process.name(), times.user + times.system)
+            except psutil.Error:
+                pass
+        return result
+
+    with LocalSwarm(workdir / "swarm") as swarm:
+        swarm.start_dht()
+        swarm.start_servers(model_dir, split_blocks(8, 2), ["--num-threads", "1"])
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+        try:
+            model.generate(input_ids, max_new_tokens=4)
+            threads_before = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+            before = cpu_by_process()
+            began = time.perf_counter()
+            model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            elapsed = time.perf_counter() - began
+            after = cpu_by_process()
+            names = {threading.main_thread().native_id: "caller (main)", model.swarm._thread.native_id: "network"}
+            print(f"swarm: {elapsed / new_tokens * 1e3:.2f} ms/token; CPU ms per token:")
+            for thread in psutil.Process().threads():
+                spent = thread.user_time + thread.system_time - threads_before.get(thread.id, 0.0)
+                print(f"  client thread {names.get(thread.id, thread.id)!s:14} {spent / new_tokens * 1e3:6.2f}")
+            for pid, (name, total) in after.items():
+                if pid in before:
+                    print(f"  process {name:40} {(total - before[pid][1]) / new_tokens * 1e3:6.2f}")
+        finally:
+            model.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--swarm", action="store_true", help="also measure CPU per token in a local swarm")
+    args = parser.parse_args()
+    frames()
+    layer_type_lookup()
+    history()
+    thread_hops()
+    if args.swarm:
+        swarm_cpu()
+
+
+if __name__ == "__main__":
+    main()
