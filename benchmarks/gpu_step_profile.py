@@ -1,10 +1,14 @@
 """Where a decode step's time goes on the GPU: our span runner against transformers' own model forward on the
-same blocks (same weights), plus a profiler table. Diagnostic, not part of `make bench`.
+same blocks (same weights), alone and with an asyncio loop in another thread (as in a server), plus a profiler
+table. Diagnostic, not part of `make bench`.
 
-    python benchmarks/gpu_step_profile.py
+    python benchmarks/gpu_step_profile.py [--preset 1b|8b-half]
 """
 
+import argparse
+import asyncio
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,8 +22,12 @@ from server_batching import build  # noqa: E402
 
 from corolla.models.spec import SpanInputs  # noqa: E402
 
+parser = argparse.ArgumentParser()
+parser.add_argument("--preset", default="1b")
+args = parser.parse_args()
 device = torch.device("cuda")
-config, backend, embed, head = build("1b", device, torch.bfloat16, "none")
+config, backend, embed, head = build(args.preset, device, torch.bfloat16, "none")
+layers = config.num_hidden_layers
 
 
 def timed(fn, steps=30):
@@ -37,34 +45,49 @@ cache = backend.new_cache()
 prompt = torch.randn(1, 32, config.hidden_size, dtype=torch.bfloat16)
 backend.run_sync(0, backend.end, SpanInputs(prompt, torch.arange(32)[None], None, cache))
 x = torch.randn(1, 1, config.hidden_size, dtype=torch.bfloat16)
-ours = timed(lambda i: backend.run_sync(0, backend.end, SpanInputs(x, torch.tensor([[32 + i]]), None, cache)))
+position = [32]
+
+
+def ours_step(i):
+    backend.run_sync(0, backend.end, SpanInputs(x, torch.tensor([[position[0]]]), None, cache))
+    position[0] += 1
+
+
+ours = timed(ours_step)
+
+# The same with an asyncio loop running in another thread, as the server's RPC loop does.
+loop = asyncio.new_event_loop()
+thread = threading.Thread(target=loop.run_forever, daemon=True)
+thread.start()
+ours_with_loop = timed(ours_step)
+
+
+async def compute_via_thread():  # the server's way: the loop hands the step to a compute thread and awaits it
+    future = loop.create_future()
+
+    def work():
+        ours_step(0)
+        loop.call_soon_threadsafe(future.set_result, None)
+
+    threading.Thread(target=work).start()
+    await future
+
+via_loop = timed(lambda i: asyncio.run_coroutine_threadsafe(compute_via_thread(), loop).result())
+loop.call_soon_threadsafe(loop.stop)
 
 hf = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
+with torch.no_grad():
+    for ours_block, theirs_block in zip(backend.blocks, hf.model.layers):
+        theirs_block.load_state_dict(ours_block.state_dict())
 hf_cache = DynamicCache(config=config)
 with torch.inference_mode():
     hf(torch.randint(0, 32000, (1, 32), device=device), cache=hf_cache, use_cache=True)
     token = torch.tensor([[5]], device=device)
-    theirs = timed(lambda i: hf.model(input_ids=token, cache=hf_cache, use_cache=True))
-    layer = hf.model.layers[0]
-    h = torch.randn(1, 1, config.hidden_size, device=device, dtype=torch.bfloat16)
-    pe = hf.model.rotary_emb(h, torch.tensor([[40]], device=device))
-    one_layer = timed(lambda i: layer(h, position_embeddings=pe, position_ids=torch.tensor([[40]], device=device)))
-print(f"ours: {ours:.2f} ms/step; transformers LlamaModel forward: {theirs:.2f} ms/step; one layer no cache: "
-      f"{one_layer:.3f} ms")
-from corolla.models.rotary import span_masks, layer_types  # noqa: E402
-inputs = SpanInputs(x.to(device), torch.tensor([[60]], device=device), None, cache)
-print("our mask:", {k: (None if v is None else (type(v).__name__, tuple(v.shape), v.dtype)) for k, v in
-                    span_masks(config, inputs, 0, layer_types(config)[:22]).items()})
-print("cache layers:", type(cache).__name__, len(cache.layers), type(cache.layers[0]).__name__,
-      cache.layers[0].keys.shape, cache.layers[0].keys.is_contiguous(), cache.layers[0].keys.stride())
-print("hf cache layers:", len(hf_cache.layers), type(hf_cache.layers[0]).__name__, hf_cache.layers[0].keys.shape,
-      hf_cache.layers[0].keys.stride())
-cache2 = DynamicCache(config=config)
-backend.run_sync(0, backend.end, SpanInputs(prompt, torch.arange(32)[None], None, cache2))
-with_config = timed(lambda i: backend.run_sync(0, backend.end, SpanInputs(x, torch.tensor([[32 + i]]), None, cache2)))
-print(f"ours with DynamicCache(config): {with_config:.2f} ms/step")
+    theirs = timed(lambda i: hf.model(input_ids=token, cache=hf_cache, use_cache=True).last_hidden_state.cpu())
+print(f"{args.preset} ({layers} blocks): ours {ours:.2f} ms/step; ours with an asyncio loop thread {ours_with_loop:.2f};"
+      f" ours handed to a thread by the loop {via_loop:.2f}; transformers LlamaModel forward (+ .cpu()) {theirs:.2f}")
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
     for i in range(5):
-        backend.run_sync(0, backend.end, SpanInputs(x, torch.tensor([[70 + i]]), None, cache))
+        ours_step(i)
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=8))
+print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))

@@ -180,7 +180,9 @@ def run_swarm(model_dir: Path, workdir: Path, server_devices: list[str], client_
         swarm.start_dht()
         servers = [swarm.start_server(model_dir, span, f"server{i}-{dev.replace(':', '')}",
                                       ["--device", dev, "--dtype", dtype_name, "--throughput-cache",
-                                       str(workdir / name / f"throughput{i}.json")], wait=False)
+                                       str(workdir / name / f"throughput{i}.json")]
+                                      + (["--num-threads", str(args.server_threads)] if args.server_threads else []),
+                                      wait=False)
                    for i, (span, dev) in enumerate(zip(spans, server_devices))]
         for process in servers:
             swarm.wait_for_line(process, "ready:", args.server_timeout)
@@ -245,6 +247,7 @@ def main() -> None:
     parser.add_argument("--offload-gpu-gib", type=float, default=8.0)
     parser.add_argument("--offload-cpu-gib", type=float, default=200.0)
     parser.add_argument("--server-timeout", type=float, default=180.0)
+    parser.add_argument("--server-threads", type=int, default=None, help="servers' torch CPU threads (--num-threads)")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="skip setups not yet started once this many seconds have passed")
     parser.add_argument("--json", default=None, help="default: $OUT/gpu_swarm.json where $OUT is set")

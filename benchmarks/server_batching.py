@@ -35,6 +35,9 @@ PRESETS = {
     # TinyLlama-1.1B's shape: 22 blocks, hidden 2048, GQA 32/4 heads.
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000),
+    # Half of Llama-3-8B (16 of its 32 blocks): one server's span in benchmarks/gpu_swarm.py.
+    "8b-half": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256),
     "tiny": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=32000),
 }
