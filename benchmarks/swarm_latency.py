@@ -106,8 +106,8 @@ def main() -> None:
     for name, ms, first, same in rows:
         print(f"{name:<42} {ms:>9.2f} {first * 1000:>10.1f}ms {ms / local_ms:>8.2f}x "
               f"{ms / PETALS_TINY_MS_PER_TOKEN:>9.2f}x {str(same):>16}")
-    print(f"(Petals 2.2 figure {PETALS_TINY_MS_PER_TOKEN} ms/token is the anchor's recorded run on this machine class, "
-          f"not re-measured here)")
+    print(f"(Petals 2.2 figure {PETALS_TINY_MS_PER_TOKEN} ms/token is the anchor's recorded run on this machine class; "
+          f"`make bench-petals` measures Petals in the same run)")
     if args.json:
         Path(args.json).write_text(json.dumps([dict(zip(["setup", "ms_per_token", "first_token_s", "tokens_equal"], r))
                                                for r in rows], indent=1))

@@ -74,8 +74,9 @@ def evaluate(model, tokenizer, examples: list[dict], label: str) -> float:
     return share
 
 
-def check_with_plain_peft(model_dir: Path, adapter_dir: Path, model, tokenizer, question: str) -> float:
-    """Max logit difference between plain peft + transformers with the saved adapter and the swarm."""
+def check_with_plain_peft(model_dir: Path, adapter_dir: Path, model, tokenizer, question: str) -> tuple[float, float]:
+    """Max logit difference between plain peft + transformers with the saved adapter and the swarm; and, to show
+    the comparison can tell them apart, between the base model without the adapter and the swarm."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +85,11 @@ def check_with_plain_peft(model_dir: Path, adapter_dir: Path, model, tokenizer, 
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
-        return (plain(ids).logits - model(ids).logits).abs().max().item()
+        swarm = model(ids).logits
+        tuned = (plain(ids).logits - swarm).abs().max().item()
+        with plain.disable_adapter():
+            untuned = (plain(ids).logits - swarm).abs().max().item()
+    return tuned, untuned
 
 
 def train(model, tokenizer, examples: list[dict], steps: int, batch_size: int, lr: float) -> list[float]:
@@ -126,11 +131,13 @@ def run(args, initial_peers: list[str], model_dir: Path) -> int:
         if args.push:
             snapshot = model.tuning.push_to_hub(args.push, args.hub_dir)
             print(f"Pushed it to the offline hub as {args.push}: {snapshot}")
-        difference = check_with_plain_peft(model_dir, adapter_dir, model, tokenizer, test_set[0]["prompt"])
-        first, last = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
+        difference, without = check_with_plain_peft(model_dir, adapter_dir, model, tokenizer, test_set[0]["prompt"])
+        window = max(1, min(10, len(losses) // 2))  # mean loss of the first and of the last steps
+        first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
         print(f"\nloss {first:.3f} -> {last:.3f}; answers in the taught format {before:.0%} -> {after:.0%}; "
-              f"plain peft vs swarm logits: max difference {difference:.2e}")
-        return 0 if difference < 1e-3 else 1
+              f"plain peft vs swarm logits: max difference {difference:.2e} (base model without the adapter: "
+              f"{without:.2e})")
+        return 0 if difference < 1e-3 < without else 1
     finally:
         model.close()
 
