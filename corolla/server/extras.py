@@ -75,7 +75,9 @@ def parse_lora(weights: LoraWeights | None, backend: BlockBackend, start: int, e
                 raise BadRequestError(f"lora: {target} of block {block} needs A [r, {in_features}] and B "
                                       f"[{out_features}, r] with 1 <= r <= {MAX_LORA_RANK}, got A {list(a.shape)} "
                                       f"and B {list(b.shape)}")
-            deltas[block][target] = LoraDelta(a=a, b=b, scale=weights.scale)
+            # On the server's device once (a session reuses them every step); the dtype stays as sent, the hook
+            # computes in the activations' dtype.
+            deltas[block][target] = LoraDelta(a=a.to(backend.device), b=b.to(backend.device), scale=weights.scale)
             index += 1
     return deltas
 

@@ -1,0 +1,49 @@
+"""Servers on a CUDA device (skipped without one): LoRA gradients and generation through GPU servers equal plain peft.
+
+Run on a GPU machine: `python -m pytest tests/test_gpu.py`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from conftest import start_swarm
+from corolla import AutoDistributedModelForCausalLM
+from corolla.models.lora import LoraSettings
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_lora_training_and_generation_through_gpu_servers(local_swarm, tiny_llama, reference):
+    torch.backends.cuda.matmul.allow_tf32 = False  # the servers run float32 without TF32 (PyTorch's default)
+    start_swarm(local_swarm, tiny_llama, [(0, 2), (2, 5)], ["--device", "cuda:0", "--dtype", "float32"])
+    settings = LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=local_swarm.initial_peers,
+                                                            tuning_mode="lora", lora=settings, seed=0)
+    try:
+        with torch.no_grad():
+            for weight in model.tuning.lora_weights:
+                weight.normal_(0, 0.3)
+        ids = torch.randint(3, 320, (3, 10), generator=torch.Generator().manual_seed(0))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        twin = get_peft_model(copy.deepcopy(reference), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                  target_modules=["q_proj", "v_proj"])).eval()
+        names = {n: p for n, p in twin.named_parameters() if "lora_" in n}
+        order = [f"base_model.model.model.layers.{b}.{path}.lora_{w}.default.weight"
+                 for b in range(5) for path in model.tuning.targets for w in "AB"]
+        with torch.no_grad():
+            for name, weight in zip(order, model.tuning.lora_weights):
+                names[name].copy_(weight)
+        want = twin(input_ids=ids, labels=ids).loss
+        want.backward()
+        assert abs(loss.item() - want.item()) < 1e-4
+        for name, weight in zip(order, model.tuning.lora_weights):
+            assert (weight.grad - names[name].grad).abs().max() < 1e-4, name
+        tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+        assert tokens.tolist() == twin.generate(ids[:1], max_new_tokens=8, do_sample=False).tolist()
+    finally:
+        model.close()
