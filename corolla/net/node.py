@@ -69,6 +69,16 @@ class MessageStream:
         async with asyncio.timeout(timeout):
             return await read_frame(self._reader, self._max_frame_bytes, self._meter)
 
+    async def linger(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for the peer to close its side, discarding whatever it still sends. Used after an error
+        reply: closing a stream that still has unread input resets it, and the reset can overtake the reply."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self._reader.read(2**16):
+                    pass
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+
     def close(self) -> None:
         if not self._writer.is_closing():
             self._writer.close()
