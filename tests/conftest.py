@@ -76,3 +76,26 @@ def client(tiny_swarm, tiny_llama):
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=tiny_swarm.initial_peers)
     yield model
     model.close()
+
+
+def peft_twin(reference, tuning, settings):
+    """Plain peft over a copy of `reference` holding the client's LoRA weights (`tuning`, made with `settings`);
+    returns the peft model and its LoRA parameters in the order of `tuning.lora_weights`."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, target_modules=list(settings.target_modules),
+                        lora_dropout=0.0)
+    model = get_peft_model(copy.deepcopy(reference), config).eval()
+    named = {name: param for name, param in model.named_parameters() if "lora_" in name}
+    params = []
+    for index in range(len(tuning.lora_weights)):
+        block, rest = divmod(index, 2 * len(tuning.targets))
+        path, which = tuning.targets[rest // 2], "AB"[rest % 2]
+        params.append(named[f"base_model.model.model.layers.{block}.{path}.lora_{which}.default.weight"])
+    with torch.no_grad():
+        for theirs, ours in zip(params, tuning.lora_weights):
+            theirs.copy_(ours)
+    return model, params

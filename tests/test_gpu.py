@@ -4,13 +4,10 @@ Run on a GPU machine: `python -m pytest tests/test_gpu.py`."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from conftest import start_swarm
+from conftest import peft_twin, start_swarm
 from corolla import AutoDistributedModelForCausalLM
 from corolla.models.lora import LoraSettings
 
@@ -30,19 +27,12 @@ def test_lora_training_and_generation_through_gpu_servers(local_swarm, tiny_llam
         ids = torch.randint(3, 320, (3, 10), generator=torch.Generator().manual_seed(0))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        twin = get_peft_model(copy.deepcopy(reference), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                                  target_modules=["q_proj", "v_proj"])).eval()
-        names = {n: p for n, p in twin.named_parameters() if "lora_" in n}
-        order = [f"base_model.model.model.layers.{b}.{path}.lora_{w}.default.weight"
-                 for b in range(5) for path in model.tuning.targets for w in "AB"]
-        with torch.no_grad():
-            for name, weight in zip(order, model.tuning.lora_weights):
-                names[name].copy_(weight)
+        twin, params = peft_twin(reference, model.tuning, settings)
         want = twin(input_ids=ids, labels=ids).loss
         want.backward()
         assert abs(loss.item() - want.item()) < 1e-4
-        for name, weight in zip(order, model.tuning.lora_weights):
-            assert (weight.grad - names[name].grad).abs().max() < 1e-4, name
+        for index, (weight, theirs) in enumerate(zip(model.tuning.lora_weights, params)):
+            assert (weight.grad - theirs.grad).abs().max() < 1e-4, index
         tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
         assert tokens.tolist() == twin.generate(ids[:1], max_new_tokens=8, do_sample=False).tolist()
     finally:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
-from conftest import peer_of, start_swarm
+from conftest import peer_of, peft_twin, start_swarm
 from corolla import AutoDistributedModelForCausalLM
 from corolla.client.config import ClientConfig
 from corolla.client.tuning import TuningConfig
@@ -97,19 +97,6 @@ def test_deep_prompt_tuning_gradients_match_local(client, reference):
         client.tuning = None
 
 
-def peft_twin(reference, tuning) -> torch.nn.Module:
-    """Plain peft over a copy of the reference model, with the client's LoRA weights."""
-    config = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, target_modules=list(LORA.target_modules), lora_dropout=0.0)
-    model = get_peft_model(copy.deepcopy(reference), config).eval()
-    names = {name: param for name, param in model.named_parameters() if "lora_" in name}
-    with torch.no_grad():
-        for index, weight in enumerate(tuning.lora_weights):
-            block, rest = divmod(index, 2 * len(tuning.targets))
-            path, which = tuning.targets[rest // 2], "AB"[rest % 2]
-            names[f"base_model.model.model.layers.{block}.{path}.lora_{which}.default.weight"].copy_(weight)
-    return model
-
-
 def test_lora_gradients_match_peft(client, reference):
     ids = batch(3, size=4)
     tuning = client.enable_tuning(TuningConfig("lora", lora=LORA), seed=0)
@@ -121,16 +108,12 @@ def test_lora_gradients_match_peft(client, reference):
         client.swarm.config = ClientConfig(max_request_tokens=10)
         loss = client(input_ids=ids, labels=ids).loss
         loss.backward()
-        twin = peft_twin(reference, tuning)
+        twin, params = peft_twin(reference, tuning, LORA)
         want = twin(input_ids=ids, labels=ids).loss
         want.backward()
         assert abs(loss.item() - want.item()) < 1e-5
-        grads = {name: param.grad for name, param in twin.named_parameters() if "lora_" in name}
-        for index, weight in enumerate(tuning.lora_weights):
-            block, rest = divmod(index, 2 * len(tuning.targets))
-            path, which = tuning.targets[rest // 2], "AB"[rest % 2]
-            assert_close(weight.grad, grads[f"base_model.model.model.layers.{block}.{path}.lora_{which}.default.weight"],
-                         f"LoRA {which} gradient of block {block} {path}")
+        for index, (weight, theirs) in enumerate(zip(tuning.lora_weights, params)):
+            assert_close(weight.grad, theirs.grad, f"LoRA tensor {index} ({tuning.targets[index // 2 % len(tuning.targets)]})")
     finally:
         client.tuning = None
         client.swarm.config = ClientConfig()
@@ -171,16 +154,9 @@ def test_training_survives_a_server_dying_mid_step(local_swarm, tiny_llama, refe
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=local_swarm.initial_peers,
                                                             tuning_mode="lora", lora=settings, seed=0)
     try:
-        twin = get_peft_model(copy.deepcopy(reference), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                  lora_dropout=0.0)).eval()
-        twin_weights = {n: p for n, p in twin.named_parameters() if "lora_" in n}
-        order = [f"base_model.model.model.layers.{block}.{path}.lora_{which}.default.weight"
-                 for block in range(5) for path in model.tuning.targets for which in "AB"]
-        with torch.no_grad():
-            for name, weight in zip(order, model.tuning.lora_weights):
-                twin_weights[name].copy_(weight)
+        twin, params = peft_twin(reference, model.tuning, settings)
         ours = torch.optim.Adam(model.tuning.parameters(), lr=2e-2)
-        theirs = torch.optim.Adam([twin_weights[n] for n in order], lr=2e-2)
+        theirs = torch.optim.Adam(params, lr=2e-2)
         ids = batch(6, size=4, length=12)
         losses = []
         for step in range(4):
@@ -203,8 +179,8 @@ def test_training_survives_a_server_dying_mid_step(local_swarm, tiny_llama, refe
             losses.append(loss.item())
         assert not a.alive()
         assert losses[-1] < losses[0] - 0.05  # it trains
-        for name, weight in zip(order, model.tuning.lora_weights):
-            assert (weight - twin_weights[name]).abs().max() < 1e-4, name
+        for index, (weight, twin_weight) in enumerate(zip(model.tuning.lora_weights, params)):
+            assert (weight - twin_weight).abs().max() < 1e-4, index
     finally:
         model.close()
 
@@ -237,7 +213,7 @@ def test_a_clients_lora_session_does_not_leak_into_anothers(client, reference, t
         with torch.no_grad():
             for weight in tuned.tuning.lora_weights:
                 weight.normal_(0, 0.3)
-        want_tuned = peft_twin(reference, tuned.tuning).generate(ids, max_new_tokens=16, do_sample=False)
+        want_tuned = peft_twin(reference, tuned.tuning, LORA)[0].generate(ids, max_new_tokens=16, do_sample=False)
         want_plain = reference.generate(ids, max_new_tokens=16, do_sample=False)
         results = {}
         threads = [threading.Thread(target=lambda m=m, k=k: results.__setitem__(k, m.generate(
