@@ -11,6 +11,7 @@ runs the remote blocks through an autograd function (client/training.py), so `lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -174,7 +175,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise CorollaError("an inference session is already active in this thread")
         extras = self._extras(batch_size)
         if active_adapter is not None:
-            extras = Extras(prompts=extras.prompts, lora=extras.lora, adapter=active_adapter)
+            extras = dataclasses.replace(extras, adapter=active_adapter)
         prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
         session = InferenceSession(self.swarm, max_length=max_length + prefix, batch_size=batch_size, extras=extras)
         self._local.session = session

@@ -251,7 +251,10 @@ class Node:
             except Exception:
                 logger.exception("handler for %s from %s failed", protocol, stream.peer_id)
             finally:
-                stream.close()
+                try:
+                    await stream.linger()  # close after the peer, so a last reply in flight is not reset away
+                finally:
+                    stream.close()
 
         await self._p2p.add_binary_stream_handler(protocol, on_stream)
 

@@ -102,7 +102,8 @@ class BlockBackend:
         lora = {block: {path: replace(delta, a=delta.a.to(self.device).requires_grad_(True),
                                       b=delta.b.to(self.device).requires_grad_(True))
                         for path, delta in deltas.items()} for block, deltas in (inputs.lora or {}).items()}
-        on_device = replace(self._on_device(inputs), hidden=hidden, prompts=prompts, lora=lora or None)
+        # _on_device leaves tensors already on the device in the compute dtype as they are (the leaves above).
+        on_device = self._on_device(replace(inputs, hidden=hidden, prompts=prompts, lora=lora or None))
         with torch.enable_grad(), self._extras(start_block, end_block, on_device) as blocks:
             output = self.spec.run_span(self.config, self.helpers, blocks, start_block, on_device)
             leaves = [hidden] + ([prompts] if prompts is not None else [])

@@ -186,7 +186,6 @@ class Handlers:
             session = self._open(first, stream.peer_id)
         except (BadRequestError, CacheFullError) as e:
             await _reply_error(stream, e)
-            await stream.linger()  # let the reply reach the client before the stream closes
             return
         except (EOFError, ConnectionError, asyncio.TimeoutError):
             return
@@ -323,18 +322,14 @@ class Handlers:
             reply = await answer(request)
         except BadRequestError as e:
             await _reply_error(stream, e)
-            await stream.linger()  # let the reply reach the client before the stream closes
-            return
         except (EOFError, ConnectionError, asyncio.TimeoutError):
-            return
+            pass
         except Exception as e:
             logger.exception("%s failed", expected.TYPE)
             await _reply_error(stream, e, kind="internal")
-            await stream.linger()
-            return
-        await self._delay()  # emulated wide-area link, outbound
-        await stream.send(reply)
-        await stream.linger()  # close after the client: the daemon may reset a stream closed with data in flight
+        else:
+            await self._delay()  # emulated wide-area link, outbound
+            await stream.send(reply)
 
     async def _compute(self, request: ForwardRequest, inputs: SpanInputs, grad_output: torch.Tensor | None = None):
         await self._delay()  # emulated wide-area link, inbound
