@@ -15,7 +15,8 @@ Needs corolla's own dependencies (hivemind, ...) where it runs; the servers are 
 so corolla must be importable by them too (installed, or run from the checkout's root). --deadline-s skips the
 setups not yet started once that much time has passed (runs under a time limit).
 
-Setups: local (a), swarm1 (b), swarm2 (c), offload (d); --setups picks some. Servers turn cuDNN attention off
+Setups: local (a), swarm1 (b), swarm1-eager (b': the servers' decode steps without CUDA graphs), swarm2 (c),
+offload (d); --setups picks some. Servers turn cuDNN attention off
 (it builds a plan for every new key length, see docs/benchmarks.md); the one-process baseline runs with it off
 too, and once with PyTorch's defaults ("local-default") for reference.
 """
@@ -170,7 +171,7 @@ def run_local(model_dir: Path, device: str, dtype, input_ids, args, default_cudn
 
 
 def run_swarm(model_dir: Path, workdir: Path, server_devices: list[str], client_device: str, dtype, input_ids,
-              args, name: str) -> dict:
+              args, name: str, server_args: list[str] = ()) -> dict:
     layers = PRESETS[args.preset]["num_hidden_layers"]
     bounds = [round(i * layers / len(server_devices)) for i in range(len(server_devices) + 1)]
     spans = list(zip(bounds[:-1], bounds[1:]))
@@ -181,7 +182,8 @@ def run_swarm(model_dir: Path, workdir: Path, server_devices: list[str], client_
         servers = [swarm.start_server(model_dir, span, f"server{i}-{dev.replace(':', '')}",
                                       ["--device", dev, "--dtype", dtype_name, "--throughput-cache",
                                        str(workdir / name / f"throughput{i}.json")]
-                                      + (["--num-threads", str(args.server_threads)] if args.server_threads else []),
+                                      + (["--num-threads", str(args.server_threads)] if args.server_threads else [])
+                                      + list(server_args),
                                       wait=False)
                    for i, (span, dev) in enumerate(zip(spans, server_devices))]
         for process in servers:
@@ -238,8 +240,9 @@ def main() -> None:
                         help="devices of the 2 servers in setup swarm2 (default: cuda:0 cuda:1)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 (cuda), float32 (cpu)")
     parser.add_argument("--workdir", default="/tmp/corolla-gpu-swarm", help="checkpoint and logs (local disk)")
-    parser.add_argument("--setups", nargs="+", default=["local", "local-default", "swarm1", "swarm2", "offload"],
-                        choices=["local", "local-default", "swarm1", "swarm2", "offload"])
+    parser.add_argument("--setups", nargs="+", default=["local", "local-default", "swarm1", "swarm1-eager", "swarm2",
+                                                        "offload"],
+                        choices=["local", "local-default", "swarm1", "swarm1-eager", "swarm2", "offload"])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
@@ -322,6 +325,9 @@ def main() -> None:
             elif setup == "swarm1":
                 result = run_swarm(model_dir, workdir, [args.device, args.device], args.device, dtype, input_ids,
                                    args, "swarm-1gpu")
+            elif setup == "swarm1-eager":
+                result = run_swarm(model_dir, workdir, [args.device, args.device], args.device, dtype, input_ids,
+                                   args, "swarm-1gpu-eager", ["--no-cuda-graphs"])
             elif setup == "swarm2":
                 result = run_swarm(model_dir, workdir, gpus, args.device, dtype, input_ids, args, "swarm-2gpu")
             else:
@@ -340,6 +346,7 @@ def main() -> None:
     names = {"local": "(a) transformers, 1 process, 1 GPU (cuDNN attention off)",
              "local-default": "(a') same, PyTorch's default attention backends",
              "swarm1": "(b) Corolla, 2 servers on 1 GPU, client on GPU",
+             "swarm1-eager": "(b') the same, servers --no-cuda-graphs",
              "swarm2": "(c) Corolla, 2 servers on 2 GPUs, client on GPU",
              "offload": f"(d) accelerate offload, GPU capped {args.offload_gpu_gib:g} GiB"}
     print(f"\n{device_name} x{report['gpus']}; Llama {args.preset} shape ({params / 1e9:.2f} B params), {dtype}, "
@@ -357,7 +364,7 @@ def main() -> None:
         same = "-" if r["tokens_equal_local"] is None else f"{r['tokens_equal_local']:.2f}"
         print(f"{names[setup]:<58} {r['ms_per_token']:>9.2f} {r['tokens_per_s']:>9.1f} "
               f"{r['first_token_s'] * 1000:>8.0f}ms {vs_local:>7} {vs_offload:>8} {same:>11}")
-    for setup in ("swarm1", "swarm2"):
+    for setup in ("swarm1", "swarm1-eager", "swarm2"):
         r = results.get(setup, {})
         if "tokens_per_s" in r and local and offload:
             print(f"{setup}: swarm/one-process {r['tokens_per_s'] / local:.2f} (target >= 0.8: "

@@ -37,3 +37,82 @@ def test_lora_training_and_generation_through_gpu_servers(local_swarm, tiny_llam
         assert tokens.tolist() == twin.generate(ids[:1], max_new_tokens=8, do_sample=False).tolist()
     finally:
         model.close()
+
+
+def test_decode_graphs_equal_ordinary_steps_on_gpu(tiny_llama):
+    from test_graphs import compare
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    graphs, _ = compare(tiny_llama, "cuda:0", capture=True, tolerance=1e-4)
+    assert graphs.captures == 2  # the first capacity, then the session grew past it
+
+
+@pytest.fixture(scope="module")
+def llama_8b_layers(tmp_path_factory):
+    """4 layers with Llama-3-8B's attention shape (hidden 4096, 32 heads, 8 KV heads of 128) and a small FFN."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama-8b-layers")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=4096, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    return path
+
+
+def gpus() -> list[str]:
+    return [f"cuda:{index}" for index in range(min(torch.cuda.device_count(), 2))]
+
+
+@pytest.mark.parametrize("device", gpus() or ["cuda:0"])
+def test_graph_replays_equal_the_same_steps_run_eagerly(llama_8b_layers, device):
+    """Bitwise: a replayed graph computes exactly what its captured code computes when run directly, on every GPU
+    (the first version replayed on cuda:1 without waiting for its inputs)."""
+    from test_graphs import backends, run_script, session_script
+
+    _, eager = backends(llama_8b_layers, 1, 4, device, capture=False, dtype=torch.bfloat16)
+    _, graphed = backends(llama_8b_layers, 1, 4, device, capture=True, dtype=torch.bfloat16)
+    script = session_script(eager.config.hidden_size)
+    for step, (want, got) in enumerate(zip(run_script(eager, script, 1, 4)[0], run_script(graphed, script, 1, 4)[0])):
+        assert torch.equal(got, want), step
+    assert graphed.graphs.captures == 2
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "llama_8b_layers"])
+def test_decode_graphs_in_bfloat16_are_as_accurate_as_ordinary_steps(model, request):
+    """In bfloat16 the graphs' attention (a masked kernel over the static cache) rounds differently from the
+    ordinary steps' (no mask), so both are compared with a float32 run: the graphs must be as close to it."""
+    from test_graphs import backends, run_script, session_script
+
+    path = request.getfixturevalue(model)
+    reference, _ = backends(path, 1, 4, "cuda:0", dtype=torch.float32)
+    ordinary, graphed = backends(path, 1, 4, "cuda:0", capture=True, dtype=torch.bfloat16)
+    script = session_script(reference.config.hidden_size)
+    want = run_script(reference, script, 1, 4)[0]
+    plain = run_script(ordinary, script, 1, 4)[0]
+    got = run_script(graphed, script, 1, 4)[0]
+    assert graphed.graphs.captures == 2
+    for step, (w, p, g) in enumerate(zip(want, plain, got)):
+        scale = w.abs().max().item()
+        plain_error, graph_error = (p - w).abs().max().item(), (g - w).abs().max().item()
+        assert graph_error <= 2 * plain_error + 1e-3 * scale, (step, graph_error, plain_error, scale)
+
+
+def test_generation_through_gpu_servers_replaying_graphs_equals_transformers(local_swarm, tiny_llama, reference):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    local_swarm.start_dht()
+    devices = gpus()  # the second server on the second GPU where there is one
+    servers = [local_swarm.start_server(tiny_llama, span, f"server{i}",
+                                        ["--num-threads", "1", "--device", devices[i % len(devices)],
+                                         "--dtype", "float32"])
+               for i, span in enumerate([(0, 2), (2, 5)])]
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=local_swarm.initial_peers)
+    try:
+        ids = torch.randint(3, 320, (1, 12), generator=torch.Generator().manual_seed(5))
+        tokens = model.generate(ids, max_new_tokens=24, do_sample=False)
+        assert tokens.tolist() == reference.generate(ids, max_new_tokens=24, do_sample=False).tolist()
+    finally:
+        model.close()
+    for server in servers:
+        assert "decode graph captured" in server.log()

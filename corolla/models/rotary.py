@@ -18,7 +18,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from corolla.errors import UnsupportedModelError
-from corolla.models.spec import FamilySpec, SpanInputs, SpanRunner
+from corolla.models.spec import FamilySpec, SpanInputs, SpanRunner, StaticDecode
 
 # transformers' mask builder for each attention layer type (as its *Model.forward maps them).
 MASK_BUILDERS = {
@@ -66,32 +66,52 @@ def span_masks(config: PretrainedConfig, inputs: SpanInputs, first_block: int, t
     return masks
 
 
+def _run_layers(config: PretrainedConfig, helpers: dict[str, nn.Module], blocks: list[nn.Module], types: list[str],
+                inputs: SpanInputs, masks: dict, rotary_per_layer_type: bool):
+    hidden = inputs.hidden
+    rotary = helpers["rotary"]
+    if rotary_per_layer_type:
+        position_embeddings = {t: rotary(hidden, inputs.position_ids, t) for t in set(types)}
+    else:
+        shared = rotary(hidden, inputs.position_ids)
+        position_embeddings = {t: shared for t in set(types)}
+    for block, layer_type in zip(blocks, types):
+        hidden = block(
+            hidden,
+            attention_mask=masks[layer_type],
+            position_ids=inputs.position_ids,
+            cache=inputs.cache,
+            use_cache=inputs.cache is not None,
+            position_embeddings=position_embeddings[layer_type],
+        )
+    return hidden
+
+
 def rotary_span_runner(rotary_per_layer_type: bool = False) -> SpanRunner:
     """A runner for consecutive rotary decoder layers, run the way transformers' *Model.forward runs them."""
 
     def run_rotary_span(config: PretrainedConfig, helpers: dict[str, nn.Module], blocks: list[nn.Module],
                         first_block: int, inputs: SpanInputs):
-        hidden = inputs.hidden
         types = cached_layer_types(config)[first_block:first_block + len(blocks)]
         masks = span_masks(config, inputs, first_block, types)
-        rotary = helpers["rotary"]
-        if rotary_per_layer_type:
-            position_embeddings = {t: rotary(hidden, inputs.position_ids, t) for t in set(types)}
-        else:
-            shared = rotary(hidden, inputs.position_ids)
-            position_embeddings = {t: shared for t in set(types)}
-        for block, layer_type in zip(blocks, types):
-            hidden = block(
-                hidden,
-                attention_mask=masks[layer_type],
-                position_ids=inputs.position_ids,
-                cache=inputs.cache,
-                use_cache=inputs.cache is not None,
-                position_embeddings=position_embeddings[layer_type],
-            )
-        return hidden
+        return _run_layers(config, helpers, blocks, types, inputs, masks, rotary_per_layer_type)
 
     return run_rotary_span
+
+
+def rotary_static_decode(rotary_per_layer_type: bool = False) -> StaticDecode:
+    """Decode steps over a static cache for spans whose layers all use full attention (sliding-window layers
+    would need a windowed mask; they run the ordinary way)."""
+
+    def supports(config: PretrainedConfig, start: int, end: int) -> bool:
+        return all(t == "full_attention" for t in cached_layer_types(config)[start:end])
+
+    def run(config: PretrainedConfig, helpers: dict[str, nn.Module], blocks: list[nn.Module], first_block: int,
+            inputs: SpanInputs, mask):
+        types = cached_layer_types(config)[first_block:first_block + len(blocks)]
+        return _run_layers(config, helpers, blocks, types, inputs, {"full_attention": mask}, rotary_per_layer_type)
+
+    return StaticDecode(supports=supports, run=run)
 
 
 def check_layer_types(config: PretrainedConfig) -> None:
@@ -111,5 +131,7 @@ def rotary_family(*, rotary_class: type, rotary_per_layer_type: bool = False, **
     """A FamilySpec for a rotary family: this module's runner, its rotary embedding as span helper, and a check
     that every layer type has a mask builder. `fields` are the other FamilySpec fields."""
     fields.setdefault("check_config", check_layer_types)
+    if fields.get("attn_implementation", "sdpa") == "sdpa":  # the caller's mask is a boolean one, as sdpa takes
+        fields.setdefault("static_decode", rotary_static_decode(rotary_per_layer_type))
     return FamilySpec(run_span=rotary_span_runner(rotary_per_layer_type),
                       make_span_helpers=rotary_helpers(rotary_class), **fields)

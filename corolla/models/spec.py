@@ -74,6 +74,18 @@ def full_history_cache(config: PretrainedConfig) -> Cache:
 SpanRunner = Callable[[PretrainedConfig, dict[str, nn.Module], list[nn.Module], int, SpanInputs], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class StaticDecode:
+    """How a family runs a single-token decode step over a static cache (transformers' StaticLayer, which writes
+    each new token in place), with the attention mask made by the caller: a step with fixed shapes and addresses,
+    which a server captures in a CUDA graph (server/graphs.py)."""
+
+    supports: Callable[[PretrainedConfig, int, int], bool]  # (config, start, end): can blocks [start, end) run so?
+    # (config, helpers, blocks, first block, inputs with the static cache, mask [.., .., .., slots]) -> hidden
+    run: Callable[[PretrainedConfig, dict[str, nn.Module], list[nn.Module], int, SpanInputs, torch.Tensor],
+                  torch.Tensor]
+
+
 def no_helpers(config: PretrainedConfig) -> dict[str, nn.Module]:
     return {}
 
@@ -109,6 +121,8 @@ class FamilySpec:
     # Raises UnsupportedModelError for configs of this model_type that the spec cannot run exactly (checked when
     # the model directory is opened, by servers and clients alike).
     check_config: Callable[[PretrainedConfig], None] = accept_config
+    # Decode steps over a static cache (for CUDA graphs); None: this family's steps always run the ordinary way.
+    static_decode: StaticDecode | None = None
 
     @property
     def client_paths(self) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 from corolla.models.lora import lora_applied
 from corolla.models.prompts import prompts_applied
 from corolla.models.spec import FamilySpec, SpanInputs
+from corolla.server.graphs import DecodeGraphs
 
 
 @dataclass
@@ -35,7 +36,7 @@ class BlockBackend:
 
     def __init__(self, config: PretrainedConfig, spec: FamilySpec, blocks: list[nn.Module],
                  helpers: dict[str, nn.Module], start: int, device: torch.device, dtype: torch.dtype,
-                 prefill_chunk: int = 1024):
+                 prefill_chunk: int = 1024, cuda_graphs: bool = True):
         self.config, self.spec, self.blocks, self.helpers = config, spec, blocks, helpers
         self.start, self.end = start, start + len(blocks)
         self.device, self.dtype = device, dtype
@@ -44,6 +45,9 @@ class BlockBackend:
             # cuDNN's attention builds a new execution plan for every new key length, ~2.7 ms per layer on an H100:
             # every decode step has a new length. Flash / memory-efficient attention have no such cost.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        self.graphs = None  # decode steps replayed from CUDA graphs (graphs.py), where the family allows it
+        if cuda_graphs and device.type == "cuda" and spec.static_decode is not None:
+            self.graphs = DecodeGraphs(config, spec.static_decode, helpers, device, dtype)
 
     def new_cache(self) -> Cache:
         return self.spec.make_cache(self.config)
@@ -85,8 +89,13 @@ class BlockBackend:
     def _run_once(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
         wire_dtype = inputs.hidden.dtype
         on_device = self._on_device(inputs)
-        with torch.inference_mode(), self._extras(start_block, end_block, on_device) as blocks:
-            output = self.spec.run_span(self.config, self.helpers, blocks, start_block, on_device)
+        with torch.inference_mode():
+            if self.graphs is not None and self.graphs.eligible(start_block, end_block, on_device):
+                blocks = self.blocks[start_block - self.start:end_block - self.start]
+                output = self.graphs.run(start_block, end_block, blocks, on_device)
+            else:
+                with self._extras(start_block, end_block, on_device) as blocks:
+                    output = self.spec.run_span(self.config, self.helpers, blocks, start_block, on_device)
         return output.to("cpu", wire_dtype)
 
     def backward_sync(self, start_block: int, end_block: int, inputs: SpanInputs,

@@ -24,6 +24,9 @@ class ServerConfig:
                                                                 "(default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)"})
     public_name: str = field(default="", metadata={"help": "a name for this server shown on swarm maps"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
+    cuda_graphs: bool = field(default=True, metadata={"help": "replay single-token decode steps from CUDA graphs "
+                                                              "(CUDA, unquantized; --no-cuda-graphs runs every step the "
+                                                              "ordinary way)"})
     cache_tokens: int = field(default=32768, metadata={"help": "attention-cache budget, in tokens over all sessions"})
     max_session_length: int | None = field(default=None, metadata={"help": "most tokens one session may hold "
                                                                            "(default: the model's maximum length)"})

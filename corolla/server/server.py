@@ -118,7 +118,9 @@ class Server:
         blocks = quantize_blocks(blocks, self.config.quant, self.device, self.dtype)
         helpers = make_span_helpers(self.spec, self.model_config, self.device, self.dtype)
         backend = BlockBackend(self.model_config, self.spec, blocks, helpers, start, self.device, self.dtype,
-                               prefill_chunk=self.config.prefill_chunk_tokens)
+                               prefill_chunk=self.config.prefill_chunk_tokens,
+                               # bitsandbytes' layers do host-side work per call, which a graph cannot hold
+                               cuda_graphs=self.config.cuda_graphs and self.config.quant == "none")
         cache_file = Path(self.config.throughput_cache or cache_dir() / "throughput.json")
         key = f"{self.model_id}|{self.device}|{torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu'}" \
               f"|{self.dtype}|{self.config.quant}|threads={torch.get_num_threads()}"
