@@ -30,6 +30,10 @@ def test_greedy_generation_is_token_identical(client, reference):
     assert got.tolist() == want.tolist()
 
 
+def test_servers_announce_the_weight_layout(tiny_swarm):
+    assert all("weight layout column" in p.log() for p in tiny_swarm.processes if p.name.startswith("server"))
+
+
 def test_sampling_settings_match_with_the_same_seed(client, reference):
     ids = torch.randint(3, 320, (1, 5))
     settings = dict(max_new_tokens=16, do_sample=True, temperature=0.7, top_k=40, top_p=0.9,

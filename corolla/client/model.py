@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 from pathlib import Path
 
@@ -29,10 +30,12 @@ from corolla.client.training import RemoteBlocksFunction, RemoteTraining
 from corolla.client.tuning import Tuning, TuningConfig, load_tensors, read_tuning
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import DTYPES, config_dtype, load_client_parts, load_config, meta_model, model_id
+from corolla.models.layout import choose_layouts, linear_weights
 from corolla.models.lora import LoraSettings
-from corolla.models.spec import family_for
+from corolla.models.spec import FamilySpec, family_for
 from corolla.net.node import NetworkConfig
 
+logger = logging.getLogger(__name__)
 
 class RemoteSessionCache(Cache):
     """Stands for the attention caches that servers keep for one inference session."""
@@ -257,6 +260,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.swarm.close()
 
 
+def _lay_out_lm_head(parts: dict[str, nn.Module], spec: FamilySpec, layout: str) -> None:
+    """The LM head weight in the layout measured faster for one-token steps (models/layout.py). A tied head stays
+    the embeddings' Parameter: the measurement then counts a one-token lookup in it too."""
+    embedding = getattr(parts[spec.embeddings_path], "weight", None)
+    timings = choose_layouts(linear_weights([parts[spec.lm_head_path]]), layout, embedding=embedding)
+    for timing in timings:
+        logger.info("LM head weight layout: %s", timing.describe())
+
+
 class AutoDistributedModelForCausalLM:
     """Entry point, shaped like transformers' Auto classes."""
 
@@ -283,10 +295,12 @@ class AutoDistributedModelForCausalLM:
         dtype = dtype or config_dtype(config)
         if not initial_peers:
             raise CorollaError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
+        client_config = client_config or ClientConfig()
         parts = load_client_parts(model_dir, config, dtype)
+        _lay_out_lm_head(parts, family_for(config), client_config.weight_layout)
         name = model_name or Path(model_dir).resolve().name
         network = network or NetworkConfig(initial_peers=tuple(initial_peers))
-        swarm = SwarmClient(network, model_id(config, name), config.num_hidden_layers, client_config or ClientConfig())
+        swarm = SwarmClient(network, model_id(config, name), config.num_hidden_layers, client_config)
         try:
             model = DistributedModelForCausalLM(config, parts, swarm)
             model.eval()

@@ -24,6 +24,11 @@ class ServerConfig:
                                                                 "(default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)"})
     public_name: str = field(default="", metadata={"help": "a name for this server shown on swarm maps"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
+    weight_layout: str = field(default="auto", metadata={"help": "CPU only: memory layout of the blocks' linear "
+                                                                 "weights: auto (measure both for each shape at "
+                                                                 "start-up, keep the faster for one-token steps), "
+                                                                 "row (as loaded) or column (the same values with "
+                                                                 "transposed strides)"})
     cache_tokens: int = field(default=32768, metadata={"help": "attention-cache budget, in tokens over all sessions"})
     max_session_length: int | None = field(default=None, metadata={"help": "most tokens one session may hold "
                                                                            "(default: the model's maximum length)"})
