@@ -1,5 +1,5 @@
-"""CPU weight layouts (models/layout.py): the same values and the same math as plain transformers, whatever strides
-the weights get."""
+"""CPU weight layouts (models/layout.py) and the client's two-thread LM head: the same values and the same math as
+plain transformers, whatever strides the weights get."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from corolla.client.model import _lay_out_lm_head
+from corolla.client.model import _lay_out_lm_head, _two_thread_linear
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import load_blocks, load_client_parts, load_config
 from corolla.models.layout import choose_layouts, column_major, layout_of, linear_weights, set_layout
@@ -81,3 +81,17 @@ def test_tied_lm_head_stays_the_embeddings_parameter(models_dir):
     assert torch.equal(embeddings(ids), table[ids])
     _lay_out_lm_head(parts, spec, "auto")  # measures a lookup in the table too; still one Parameter
     assert parts[spec.lm_head_path].weight is parts[spec.embeddings_path].weight
+
+
+@pytest.mark.parametrize("layout", ["row", "column"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_two_thread_lm_head_equals_the_single_call(layout, bias):
+    from concurrent.futures import ThreadPoolExecutor
+
+    linear = nn.Linear(96, 1001, bias=bias).requires_grad_(False)  # odd size: unequal halves
+    set_layout(linear.weight, layout)
+    with ThreadPoolExecutor(1) as pool, torch.no_grad():
+        for rows in (1, 2, 5):
+            x = torch.randn(1, rows, 96)
+            # The same products of the same rows; BLAS may block half a matrix differently (float rounding order).
+            assert torch.allclose(_two_thread_linear(linear, pool, x), linear(x), rtol=1e-6, atol=1e-6)
