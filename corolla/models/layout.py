@@ -11,7 +11,6 @@ that will be used, in the order a step reads them (docs/benchmarks.md, "Hot-path
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -67,7 +66,7 @@ class ShapeTiming:
     shape: tuple[int, int]  # [out_features, in_features]
     dtype: torch.dtype
     count: int  # weights of this shape in the measured passes
-    row_s: float  # median over passes of the summed time of those weights' products, row-major
+    row_s: float  # fastest pass's summed time of those weights' products, row-major (other load only adds)
     column_s: float  # the same, column-major
 
     @property
@@ -75,7 +74,7 @@ class ShapeTiming:
         return "column" if self.column_s < self.row_s * (1 - _MARGIN) else "row"
 
     def describe(self) -> str:
-        nbytes = self.count * self.shape[0] * self.shape[1] * torch.empty((), dtype=self.dtype).element_size()
+        nbytes = self.count * self.shape[0] * self.shape[1] * self.dtype.itemsize
         return (f"[{self.shape[0]}, {self.shape[1]}] x{self.count}: row {nbytes / self.row_s / 1e9:.1f} GB/s, "
                 f"column {nbytes / self.column_s / 1e9:.1f} GB/s -> {self.best}")
 
@@ -84,6 +83,7 @@ def measure_layouts(weights: list[torch.Tensor], rounds: int = 9, budget_s: floa
                     embedding_index: int | None = None) -> list[ShapeTiming]:
     """Time a one-token product with each weight, in order, once per layout per round (the layouts' passes
     alternate, their order too), after one warm-up round; at least 3 rounds, more up to `rounds` within `budget_s`.
+    Each layout keeps its fastest pass: load from other processes only ever adds time.
 
     A column-major copy of every weight is held during the measurement. `embedding_index`: the weight that is also an
     embedding table (a tied LM head); each pass then includes a one-token lookup in it, which is slower
@@ -115,8 +115,8 @@ def measure_layouts(weights: list[torch.Tensor], rounds: int = 9, budget_s: floa
     for key in keys:
         counts[key] = counts.get(key, 0) + 1
     return [ShapeTiming(shape=key[0], dtype=key[1], count=count,
-                        row_s=statistics.median(p[key] for p in passes["row"]),
-                        column_s=statistics.median(p[key] for p in passes["column"]))
+                        row_s=min(p[key] for p in passes["row"]),
+                        column_s=min(p[key] for p in passes["column"]))
             for key, count in counts.items()]
 
 
