@@ -40,6 +40,7 @@ from corolla.net.node import NetworkConfig
 
 logger = logging.getLogger(__name__)
 
+
 class RemoteSessionCache(Cache):
     """Stands for the attention caches that servers keep for one inference session."""
 
@@ -288,11 +289,11 @@ def _splits(lm_head: nn.Module, hidden: torch.Tensor) -> bool:
 
 def _two_thread_linear(linear: nn.Linear, pool: ThreadPoolExecutor, x: torch.Tensor) -> torch.Tensor:
     """`linear(x)`, half of the outputs computed on a second thread. For a few rows, a CPU matrix-vector product
-    runs on one thread in MKL whatever torch's thread count, and reads memory at ~25 GB/s here; two threads
-    reading half each get more (32000 x 512 float32 LM head: 3.1 -> 2.5 ms, docs/benchmarks.md). Each output is
+    runs on one thread in MKL whatever torch's thread count, and reads memory at ~20-25 GB/s here; two threads
+    reading half each get more (32000 x 512 float32 LM head: 3.2 -> 2.7 ms, docs/benchmarks.md). Each output is
     the same product of the same row as in one call (bitwise equal in the cases measured; BLAS may block a half
-    differently, which changes float rounding order at most). At batch 1 the servers are idle meanwhile, so the second core
-    is free; the pool's thread sleeps on a queue between calls (no spinning)."""
+    differently, which changes float rounding order at most). At batch 1 the servers are idle meanwhile, so the
+    second core is free; the pool's thread sleeps on a queue between calls (no spinning)."""
     half = linear.out_features // 2
     bias = linear.bias
     second = pool.submit(_linear_no_grad, x, linear.weight[half:], None if bias is None else bias[half:])
