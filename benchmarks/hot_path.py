@@ -2,7 +2,7 @@
 "Hot-path cuts"). Each figure is the median over rounds of the median (or min) of many repetitions, so short
 bursts of other load on the machine change it little.
 
-    .venv/bin/python benchmarks/hot_path.py            # micro-benchmarks, one process, no network (~1 min)
+    .venv/bin/python benchmarks/hot_path.py            # micro-benchmarks, one process, no network (~2 min)
     .venv/bin/python benchmarks/hot_path.py --swarm    # also: CPU per token of each client thread and each
                                                        # swarm process (tiny-llama, 2 servers, 128 tokens)
 """
@@ -199,6 +199,103 @@ def swarm_cpu(new_tokens: int = 128) -> None:
             model.close()
 
 
+def wire_tensors() -> None:
+    """WireTensor.from_torch / to_torch of one [1, 1, 512] float32 hidden state (each decode step does ~9)."""
+    from corolla.net.wire import WireTensor
+
+    hidden = torch.randn(1, 1, 512)
+    sent = WireTensor.from_torch(hidden)
+    for name, function in (("from_torch", lambda: WireTensor.from_torch(hidden)), ("to_torch", sent.to_torch)):
+        best = min(timeit.repeat(function, number=20000, repeat=5)) / 20000
+        print(f"wire {name:10} [1, 1, 512] float32: {best * 1e6:6.2f} us")
+
+
+def weight_layouts(rounds: int = 7) -> None:
+    """One-token steps with weights read from memory, not cache (a 160 MB read between calls, as the rest of the
+    pipeline does between a process's steps): the 32000 x 512 float32 LM head row-major, column-major, and
+    column-major on two threads (the client's _two_thread_linear); then 4 tiny-llama decoder layers (random
+    weights) with every linear weight row-major against the layouts that models/layout.py measures and picks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from corolla.client.model import _two_thread_linear
+    from corolla.models.layout import choose_layouts, linear_weights, set_layout
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a multi-threaded eviction read would leave OpenMP workers spinning meanwhile
+    evict = torch.randn(40_000_000)
+
+    def timed(function, n=20):
+        times = []
+        for _ in range(n):
+            evict.sum()
+            time.sleep(0.001)
+            began = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - began)
+        return statistics.median(times)
+
+    head = torch.nn.Linear(512, 32000, bias=False).requires_grad_(False)
+    x = torch.randn(1, 1, 512)
+    pool = ThreadPoolExecutor(1)
+    results: dict[str, list[float]] = {"row": [], "column": [], "column, two threads": []}
+    with torch.no_grad():
+        for _ in range(rounds):
+            set_layout(head.weight, "row")
+            results["row"].append(timed(lambda: F.linear(x, head.weight)))
+            set_layout(head.weight, "column")
+            results["column"].append(timed(lambda: F.linear(x, head.weight)))
+            results["column, two threads"].append(timed(lambda: _two_thread_linear(head, pool, x)))
+    pool.shutdown()
+    for name, values in results.items():
+        print(f"LM head 32000 x 512, one token, {name:20}: {statistics.median(values) * 1e3:6.2f} ms")
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8,
+                         num_hidden_layers=4)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layers = [LlamaDecoderLayer(config, i).eval().requires_grad_(False) for i in range(4)]
+    rotary = LlamaRotaryEmbedding(config)
+    weights = linear_weights(layers)
+    for timing in choose_layouts(weights, "auto"):
+        print(f"  layout measured: {timing.describe()}")
+    chosen = {id(w): "column" if w.stride(0) == 1 else "row" for w in weights}
+
+    def decode_step_time():
+        cache = DynamicCache(config=config)
+        with torch.inference_mode():
+            hidden, positions = torch.randn(1, 20, 512), torch.arange(20)[None]
+            for layer in layers:
+                hidden = layer(hidden, position_ids=positions, cache=cache, use_cache=True,
+                               position_embeddings=rotary(hidden, positions))
+            times = []
+            for step in range(40):
+                evict.sum()
+                hidden, positions = torch.randn(1, 1, 512), torch.tensor([[20 + step]])
+                embeddings = rotary(hidden, positions)
+                began = time.perf_counter()
+                for layer in layers:
+                    hidden = layer(hidden, position_ids=positions, cache=cache, use_cache=True,
+                                   position_embeddings=embeddings)
+                times.append(time.perf_counter() - began)
+        return statistics.median(times)
+
+    steps: dict[str, list[float]] = {"all row-major": [], "measured layouts": []}
+    for _ in range(rounds):
+        for weight in weights:
+            set_layout(weight, "row")
+        steps["all row-major"].append(decode_step_time())
+        for weight in weights:
+            set_layout(weight, chosen[id(weight)])
+        steps["measured layouts"].append(decode_step_time())
+    for name, values in steps.items():
+        print(f"4 tiny-llama layers, decode step, {name:16}: {statistics.median(values) * 1e3:6.2f} ms")
+    torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--swarm", action="store_true", help="also measure CPU per token in a local swarm")
@@ -207,6 +304,8 @@ def main() -> None:
     layer_type_lookup()
     history()
     thread_hops()
+    wire_tensors()
+    weight_layouts()
     if args.swarm:
         swarm_cpu()
 

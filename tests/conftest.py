@@ -54,9 +54,11 @@ def peer_of(process) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_swarm(tiny_llama, request):
-    """Bootstrap peer + 3 servers splitting the tiny Llama's 5 blocks unevenly: 0:2, 2:4, 4:5."""
+    """Bootstrap peer + 3 servers splitting the tiny Llama's 5 blocks unevenly: 0:2, 2:4, 4:5. Their linear weights
+    are column-major (transposed strides), so every exactness test also covers that layout, which `auto` picks
+    for some shapes on some CPUs."""
     with LocalSwarm(OUTPUT_DIR / f"{request.module.__name__}-tiny-swarm") as swarm:
-        start_swarm(swarm, tiny_llama, [(0, 2), (2, 4), (4, 5)])
+        start_swarm(swarm, tiny_llama, [(0, 2), (2, 4), (4, 5)], ["--weight-layout", "column"])
         yield swarm
 
 

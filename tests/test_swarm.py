@@ -30,6 +30,22 @@ def test_greedy_generation_is_token_identical(client, reference):
     assert got.tolist() == want.tolist()
 
 
+def test_servers_announce_the_weight_layout(tiny_swarm):
+    assert all("weight layout column" in p.log() for p in tiny_swarm.processes if p.name.startswith("server"))
+
+
+def test_greedy_generation_with_the_two_thread_lm_head(client, reference, monkeypatch):
+    import corolla.client.model as client_model
+
+    monkeypatch.setattr(client_model, "_SPLIT_MIN_BYTES", 0)  # the tiny head is far below the real threshold
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    ids = torch.randint(3, 320, (1, 9))
+    got = client.generate(ids, max_new_tokens=20, do_sample=False)
+    want = reference.generate(ids, max_new_tokens=20, do_sample=False)
+    assert got.tolist() == want.tolist()
+    assert client._head_pool is not None  # it did run on two threads
+
+
 def test_sampling_settings_match_with_the_same_seed(client, reference):
     ids = torch.randint(3, 320, (1, 5))
     settings = dict(max_new_tokens=16, do_sample=True, temperature=0.7, top_k=40, top_p=0.9,

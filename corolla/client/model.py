@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -29,9 +33,12 @@ from corolla.client.training import RemoteBlocksFunction, RemoteTraining
 from corolla.client.tuning import Tuning, TuningConfig, load_tensors, read_tuning
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import DTYPES, config_dtype, load_client_parts, load_config, meta_model, model_id
+from corolla.models.layout import choose_layouts, linear_weights
 from corolla.models.lora import LoraSettings
-from corolla.models.spec import family_for
+from corolla.models.spec import FamilySpec, family_for
 from corolla.net.node import NetworkConfig
+
+logger = logging.getLogger(__name__)
 
 
 class RemoteSessionCache(Cache):
@@ -90,6 +97,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._local = threading.local()  # the active inference session, per calling thread
         self.tuning: Tuning | None = None  # trainable prompts / LoRA weights (enable_tuning, load_tuning)
         self.active_adapter: str | None = None  # a LoRA adapter hosted by servers, used by every request
+        self._head_pool: ThreadPoolExecutor | None = None  # the LM head's second thread (_two_thread_linear)
 
     # -- transformers plumbing -----------------------------------------------------------------------------
 
@@ -109,7 +117,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Client-side output step: logits from the hidden states leaving the last remote block."""
-        return self.spec.head(self.config, self._parts_by_path, self.spec, hidden)
+        parts = self._parts_by_path
+        lm_head = parts[self.spec.lm_head_path]
+        if _splits(lm_head, hidden):
+            if self._head_pool is None:
+                self._head_pool = ThreadPoolExecutor(1, thread_name_prefix="corolla-lm-head")
+            parts = {**parts, self.spec.lm_head_path: functools.partial(_two_thread_linear, lm_head, self._head_pool)}
+        return self.spec.head(self.config, parts, self.spec, hidden)
 
     def _init_weights(self, module: nn.Module) -> None:
         pass  # every weight comes from the checkpoint
@@ -254,7 +268,51 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return super().generate(inputs, *args, cache=RemoteSessionCache(session), **kwargs)
 
     def close(self) -> None:
+        if self._head_pool is not None:
+            self._head_pool.shutdown()
         self.swarm.close()
+
+
+_SPLIT_MIN_BYTES = 4 * 2**20  # below this, the hand-off to a second thread (~30-50 us) costs more than it saves
+_SPLIT_MAX_ROWS = 8  # more rows: a matrix product, which torch's own threads already share
+
+
+def _splits(lm_head: nn.Module, hidden: torch.Tensor) -> bool:
+    """Whether the LM head runs on two threads: a large plain nn.Linear, a few rows (decoding), no autograd graph
+    to record (grad mode is per thread), and torch allowed more than one thread."""
+    if type(lm_head) is not nn.Linear or torch.is_grad_enabled() or torch.get_num_threads() < 2:
+        return False
+    weight = lm_head.weight
+    return (weight.device.type == "cpu" and weight.numel() * weight.element_size() >= _SPLIT_MIN_BYTES
+            and hidden.numel() <= _SPLIT_MAX_ROWS * weight.shape[1])
+
+
+def _two_thread_linear(linear: nn.Linear, pool: ThreadPoolExecutor, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)`, half of the outputs computed on a second thread. For a few rows, a CPU matrix-vector product
+    runs on one thread in MKL whatever torch's thread count, and reads memory at ~20-25 GB/s here; two threads
+    reading half each get more (32000 x 512 float32 LM head: 3.2 -> 2.7 ms, docs/benchmarks.md). Each output is
+    the same product of the same row as in one call (bitwise equal in the cases measured; BLAS may block a half
+    differently, which changes float rounding order at most). At batch 1 the servers are idle meanwhile, so the
+    second core is free; the pool's thread sleeps on a queue between calls (no spinning)."""
+    half = linear.out_features // 2
+    bias = linear.bias
+    second = pool.submit(_linear_no_grad, x, linear.weight[half:], None if bias is None else bias[half:])
+    first = F.linear(x, linear.weight[:half], None if bias is None else bias[:half])
+    return torch.cat([first, second.result()], dim=-1)
+
+
+def _linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    with torch.no_grad():  # the caller's grad mode does not reach this thread
+        return F.linear(x, weight, bias)
+
+
+def _lay_out_lm_head(parts: dict[str, nn.Module], spec: FamilySpec, layout: str) -> None:
+    """The LM head weight in the layout measured faster for one-token steps (models/layout.py). A tied head stays
+    the embeddings' Parameter: the measurement then counts a one-token lookup in it too."""
+    embedding = getattr(parts[spec.embeddings_path], "weight", None)
+    timings = choose_layouts(linear_weights([parts[spec.lm_head_path]]), layout, embedding=embedding)
+    for timing in timings:
+        logger.info("LM head weight layout: %s", timing.describe())
 
 
 class AutoDistributedModelForCausalLM:
@@ -283,10 +341,12 @@ class AutoDistributedModelForCausalLM:
         dtype = dtype or config_dtype(config)
         if not initial_peers:
             raise CorollaError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
+        client_config = client_config or ClientConfig()
         parts = load_client_parts(model_dir, config, dtype)
+        _lay_out_lm_head(parts, family_for(config), client_config.weight_layout)
         name = model_name or Path(model_dir).resolve().name
         network = network or NetworkConfig(initial_peers=tuple(initial_peers))
-        swarm = SwarmClient(network, model_id(config, name), config.num_hidden_layers, client_config or ClientConfig())
+        swarm = SwarmClient(network, model_id(config, name), config.num_hidden_layers, client_config)
         try:
             model = DistributedModelForCausalLM(config, parts, swarm)
             model.eval()

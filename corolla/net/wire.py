@@ -32,6 +32,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_ITEMSIZES = {name: dtype.itemsize for name, dtype in _DTYPES.items()}
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -57,9 +58,12 @@ class WireTensor(BaseModel):
             return cls(dtype=dtype, shape=tuple(tensor.shape), data=_int8_encode(tensor), codec="int8")
         if codec != "raw":
             raise ValueError(f"unknown codec {codec!r}")
-        flat = tensor.contiguous().reshape(-1)
-        raw = flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
-        return cls(dtype=dtype, shape=tuple(tensor.shape), data=raw.numpy().tobytes())
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: its bytes go through a uint8 view
+            flat = tensor.contiguous().reshape(-1)
+            data = (flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)).numpy().tobytes()
+        else:
+            data = tensor.numpy().tobytes()  # C order whatever the strides; one call on the per-token path
+        return cls(dtype=dtype, shape=tuple(tensor.shape), data=data)
 
     def to_torch(self, field: str = "tensor") -> torch.Tensor:
         """Decode, checking that dtype, shape and byte count agree; `field` names the tensor in errors."""
@@ -74,16 +78,14 @@ class WireTensor(BaseModel):
             return _int8_decode(self.data, self.shape, dtype, field)
         if self.codec != "raw":
             raise BadRequestError(f"{field}: unknown codec {self.codec!r}; expected raw or int8")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        expected = math.prod(self.shape) * itemsize
+        expected = math.prod(self.shape) * _ITEMSIZES[self.dtype]
         if len(self.data) != expected:
             raise BadRequestError(
                 f"{field}: {len(self.data)} bytes do not match shape {list(self.shape)} of {self.dtype} ({expected} bytes)"
             )
         if expected == 0:
             return torch.empty(self.shape, dtype=dtype)
-        array = np.frombuffer(self.data, dtype=np.uint8).copy()  # writable, owned by torch afterwards
-        return torch.from_numpy(array).view(dtype).reshape(self.shape)
+        return torch.frombuffer(bytearray(self.data), dtype=dtype).reshape(self.shape)  # a writable copy
 
     @property
     def is_float(self) -> bool:

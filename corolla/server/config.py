@@ -27,6 +27,11 @@ class ServerConfig:
     cuda_graphs: bool = field(default=True, metadata={"help": "replay single-token decode steps from CUDA graphs "
                                                               "(CUDA, unquantized; --no-cuda-graphs runs every step the "
                                                               "ordinary way)"})
+    weight_layout: str = field(default="auto", metadata={"help": "CPU only: memory layout of the blocks' linear "
+                                                                 "weights: auto (measure both for each shape at "
+                                                                 "start-up, keep the faster for one-token steps), "
+                                                                 "row (as loaded) or column (the same values with "
+                                                                 "transposed strides)"})
     cache_tokens: int = field(default=32768, metadata={"help": "attention-cache budget, in tokens over all sessions"})
     max_session_length: int | None = field(default=None, metadata={"help": "most tokens one session may hold "
                                                                            "(default: the model's maximum length)"})

@@ -19,6 +19,7 @@ from corolla.errors import CorollaError
 from corolla.models.checkpoint import (DTYPES, Checkpoint, checkpoint_names, config_dtype, load_blocks, load_config,
                                        make_span_helpers, model_id)
 from corolla.models.embedded import cache_dir
+from corolla.models.layout import LAYOUTS, choose_layouts, linear_weights
 from corolla.models.spec import family_for
 from corolla.net.directory import read_servers
 from corolla.net.messages import BACKWARD_PROTOCOL, FORWARD_PROTOCOL, INFERENCE_PROTOCOL, PUSH_PROTOCOL
@@ -73,6 +74,8 @@ class Server:
             raise CorollaError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
         if config.quant not in QUANT_TYPES:
             raise CorollaError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {config.quant!r}")
+        if config.weight_layout not in LAYOUTS:
+            raise CorollaError(f"--weight-layout must be one of {', '.join(LAYOUTS)}, got {config.weight_layout!r}")
         self.dtype = DTYPES[config.dtype] if config.dtype else config_dtype(self.model_config)
         self.device = torch.device(config.device)
         self.stop = asyncio.Event()
@@ -116,6 +119,15 @@ class Server:
         load_device = "cpu" if self.config.quant != "none" else self.device
         blocks = load_blocks(self.config.model, self.model_config, start, end, load_device, self.dtype, progress=True)
         blocks = quantize_blocks(blocks, self.config.quant, self.device, self.dtype)
+        layout = ""
+        if self.device.type == "cpu" and self.config.weight_layout != "row":
+            layout = f"|layout={self.config.weight_layout}"
+            began = time.perf_counter()
+            timings = choose_layouts(linear_weights(blocks), self.config.weight_layout)
+            if timings or self.config.weight_layout != "auto":  # auto with no float linear weights: nothing done
+                measured = f" (measured in {time.perf_counter() - began:.2f} s, one-token products)" if timings else ""
+                print(f"weight layout {self.config.weight_layout}{measured}"
+                      + "".join(f"; {t.describe()}" for t in timings), flush=True)
         helpers = make_span_helpers(self.spec, self.model_config, self.device, self.dtype)
         backend = BlockBackend(self.model_config, self.spec, blocks, helpers, start, self.device, self.dtype,
                                prefill_chunk=self.config.prefill_chunk_tokens,
@@ -123,7 +135,8 @@ class Server:
                                cuda_graphs=self.config.cuda_graphs and self.config.quant == "none")
         cache_file = Path(self.config.throughput_cache or cache_dir() / "throughput.json")
         key = f"{self.model_id}|{self.device}|{torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu'}" \
-              f"|{self.dtype}|{self.config.quant}|threads={torch.get_num_threads()}"
+              f"|{self.dtype}|{self.config.quant}|threads={torch.get_num_threads()}{layout}" \
+              f"{'|graphs' if backend.graphs is not None else ''}"
         throughput = cached_measure(backend, cache_file, key)
         logger.info("blocks %d:%d loaded: %.1f MiB, %.1f decode tokens/s for the span", start, end,
                     sum(block_bytes(b) for b in blocks) / 2**20, throughput.for_span(end - start)[0])
