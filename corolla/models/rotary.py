@@ -66,8 +66,8 @@ def span_masks(config: PretrainedConfig, inputs: SpanInputs, first_block: int, t
     return masks
 
 
-def _run_layers(config: PretrainedConfig, helpers: dict[str, nn.Module], blocks: list[nn.Module], types: list[str],
-                inputs: SpanInputs, masks: dict, rotary_per_layer_type: bool):
+def _run_layers(helpers: dict[str, nn.Module], blocks: list[nn.Module], types: list[str], inputs: SpanInputs,
+                masks: dict, rotary_per_layer_type: bool):
     hidden = inputs.hidden
     rotary = helpers["rotary"]
     if rotary_per_layer_type:
@@ -94,7 +94,7 @@ def rotary_span_runner(rotary_per_layer_type: bool = False) -> SpanRunner:
                         first_block: int, inputs: SpanInputs):
         types = cached_layer_types(config)[first_block:first_block + len(blocks)]
         masks = span_masks(config, inputs, first_block, types)
-        return _run_layers(config, helpers, blocks, types, inputs, masks, rotary_per_layer_type)
+        return _run_layers(helpers, blocks, types, inputs, masks, rotary_per_layer_type)
 
     return run_rotary_span
 
@@ -109,7 +109,7 @@ def rotary_static_decode(rotary_per_layer_type: bool = False) -> StaticDecode:
     def run(config: PretrainedConfig, helpers: dict[str, nn.Module], blocks: list[nn.Module], first_block: int,
             inputs: SpanInputs, mask):
         types = cached_layer_types(config)[first_block:first_block + len(blocks)]
-        return _run_layers(config, helpers, blocks, types, inputs, {"full_attention": mask}, rotary_per_layer_type)
+        return _run_layers(helpers, blocks, types, inputs, {"full_attention": mask}, rotary_per_layer_type)
 
     return StaticDecode(supports=supports, run=run)
 

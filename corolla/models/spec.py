@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from corolla.errors import UnsupportedModelError
 from corolla.models.lora import BlockLora
@@ -68,6 +68,14 @@ def full_history_cache(config: PretrainedConfig) -> Cache:
     from transformers.cache_utils import DynamicCache
 
     return DynamicCache()
+
+
+def plain_span_layers(cache: Cache | None, start: int, end: int) -> bool:
+    """Whether layers [start, end) of a session cache are filled DynamicLayers, as `full_history_cache` makes them
+    (what batched steps stack and what static decoding mirrors)."""
+    layers = getattr(cache, "layers", None)
+    return layers is not None and len(layers) >= end and all(
+        type(layers[i]) is DynamicLayer and layers[i].is_initialized for i in range(start, end))
 
 
 # Runs blocks[first:...] on SpanInputs: (config, helpers built once per span, the blocks, first block index, inputs).

@@ -22,9 +22,9 @@ import weakref
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import Cache, StaticLayer
 
-from corolla.models.spec import SpanInputs, StaticDecode
+from corolla.models.spec import SpanInputs, StaticDecode, plain_span_layers
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +148,7 @@ class DecodeGraphs:
         cache = inputs.cache
         if cache is None or inputs.hidden.shape[1] != 1 or inputs.attention_mask is not None or not inputs.plain:
             return False
-        layers = getattr(cache, "layers", None)
-        if layers is None or len(layers) < end or not all(
-                type(layers[i]) is DynamicLayer and layers[i].is_initialized for i in range(start, end)):
+        if not plain_span_layers(cache, start, end):
             return False
         if cache not in self._spans and len(self._spans) >= self.max_sessions:
             return False

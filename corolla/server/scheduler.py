@@ -17,9 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicLayer
-
-from corolla.models.spec import SpanInputs
+from corolla.models.spec import SpanInputs, plain_span_layers
 from corolla.server.backend import BlockBackend
 
 logger = logging.getLogger(__name__)
@@ -44,19 +42,13 @@ class Work:
         inputs = self.inputs
         return (self.inference and inputs.cache is not None and inputs.hidden.shape[1] == 1
                 and inputs.attention_mask is None and inputs.prompts is None
-                and _plain_layers(inputs.cache, self.start_block, self.end_block))
+                and plain_span_layers(inputs.cache, self.start_block, self.end_block))
 
 
 def _group(work: Work) -> tuple:
     # Sessions share a forward only with the same adapter: the same hosted adapter object, or none.
     adapter = id(work.inputs.lora) if work.inputs.lora else None
     return work.start_block, work.end_block, work.inputs.hidden.dtype, adapter
-
-
-def _plain_layers(cache, start: int, end: int) -> bool:
-    layers = getattr(cache, "layers", None)
-    return layers is not None and len(layers) >= end and all(
-        type(layers[i]) is DynamicLayer and layers[i].is_initialized for i in range(start, end))
 
 
 @dataclass
