@@ -80,6 +80,15 @@ def client(tiny_swarm, tiny_llama):
     model.close()
 
 
+def randomize_lora(tuning) -> None:
+    """Give a fresh LoRA (B starts at zero) weights whose every gradient and output difference is non-trivial."""
+    import torch
+
+    with torch.no_grad():
+        for weight in tuning.lora_weights:
+            weight.normal_(0, 0.3)
+
+
 def peft_twin(reference, tuning, settings):
     """Plain peft over a copy of `reference` holding the client's LoRA weights (`tuning`, made with `settings`);
     returns the peft model and its LoRA parameters in the order of `tuning.lora_weights`."""

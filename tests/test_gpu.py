@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import peft_twin, start_swarm
+from conftest import peft_twin, randomize_lora, start_swarm
 from corolla import AutoDistributedModelForCausalLM
 from corolla.models.lora import LoraSettings
 
@@ -21,9 +21,7 @@ def test_lora_training_and_generation_through_gpu_servers(local_swarm, tiny_llam
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=local_swarm.initial_peers,
                                                             tuning_mode="lora", lora=settings, seed=0)
     try:
-        with torch.no_grad():
-            for weight in model.tuning.lora_weights:
-                weight.normal_(0, 0.3)
+        randomize_lora(model.tuning)
         ids = torch.randint(3, 320, (3, 10), generator=torch.Generator().manual_seed(0))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()

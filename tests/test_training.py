@@ -9,7 +9,7 @@ import copy
 import torch
 from peft import PeftModel
 
-from conftest import peer_of, peft_twin, start_swarm
+from conftest import peer_of, peft_twin, randomize_lora, start_swarm
 from corolla import AutoDistributedModelForCausalLM
 from corolla.client.config import ClientConfig
 from corolla.client.tuning import TuningConfig
@@ -101,9 +101,7 @@ def test_lora_gradients_match_peft(client, reference):
     ids = batch(3, size=4)
     tuning = client.enable_tuning(TuningConfig("lora", lora=LORA), seed=0)
     try:
-        with torch.no_grad():
-            for weight in tuning.lora_weights:  # B starts at zero; make every gradient non-trivial
-                weight.normal_(0, 0.3)
+        randomize_lora(tuning)
         # Split the batch into 1-sequence requests spread over the servers: the same gradients.
         client.swarm.config = ClientConfig(max_request_tokens=10)
         loss = client(input_ids=ids, labels=ids).loss
@@ -210,9 +208,7 @@ def test_a_clients_lora_session_does_not_leak_into_anothers(client, reference, t
     tuned = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=tiny_swarm.initial_peers,
                                                             tuning_mode="lora", lora=LORA, seed=4)
     try:
-        with torch.no_grad():
-            for weight in tuned.tuning.lora_weights:
-                weight.normal_(0, 0.3)
+        randomize_lora(tuned.tuning)
         want_tuned = peft_twin(reference, tuned.tuning, LORA)[0].generate(ids, max_new_tokens=16, do_sample=False)
         want_plain = reference.generate(ids, max_new_tokens=16, do_sample=False)
         results = {}
