@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import socket
 import statistics
 import sys
@@ -213,8 +214,9 @@ def wire_tensors() -> None:
 def weight_layouts(rounds: int = 7) -> None:
     """One-token steps with weights read from memory, not cache (a 160 MB read between calls, as the rest of the
     pipeline does between a process's steps): the 32000 x 512 float32 LM head row-major, column-major, and
-    column-major on two threads (the client's _two_thread_linear); then 4 tiny-llama decoder layers (random
-    weights) with every linear weight row-major against the layouts that models/layout.py measures and picks."""
+    column-major on two threads (the client's _two_thread_linear), and row-major through RowDotLinear; then 4 tiny-llama decoder layers (random
+    weights) with every linear weight row-major against the ways that models/layout.py measures and picks (a copy
+    of the same layers)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch.nn.functional as F
@@ -222,7 +224,7 @@ def weight_layouts(rounds: int = 7) -> None:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from corolla.client.model import _two_thread_linear
-    from corolla.models.layout import choose_layouts, linear_weights, set_layout
+    from corolla.models.layout import RowDotLinear, choose_layouts, set_layout
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a multi-threaded eviction read would leave OpenMP workers spinning meanwhile
@@ -241,7 +243,8 @@ def weight_layouts(rounds: int = 7) -> None:
     head = torch.nn.Linear(512, 32000, bias=False).requires_grad_(False)
     x = torch.randn(1, 1, 512)
     pool = ThreadPoolExecutor(1)
-    results: dict[str, list[float]] = {"row": [], "column": [], "column, two threads": []}
+    row_dot = RowDotLinear.over(head)
+    results: dict[str, list[float]] = {"row": [], "column": [], "column, two threads": [], "rowdot": []}
     with torch.no_grad():
         for _ in range(rounds):
             set_layout(head.weight, "row")
@@ -249,6 +252,8 @@ def weight_layouts(rounds: int = 7) -> None:
             set_layout(head.weight, "column")
             results["column"].append(timed(lambda: F.linear(x, head.weight)))
             results["column, two threads"].append(timed(lambda: _two_thread_linear(head, pool, x)))
+            set_layout(head.weight, "row")
+            results["rowdot"].append(timed(lambda: row_dot(x)))
     pool.shutdown()
     for name, values in results.items():
         print(f"LM head 32000 x 512, one token, {name:20}: {statistics.median(values) * 1e3:6.2f} ms")
@@ -259,12 +264,11 @@ def weight_layouts(rounds: int = 7) -> None:
     torch.manual_seed(0)
     layers = [LlamaDecoderLayer(config, i).eval().requires_grad_(False) for i in range(4)]
     rotary = LlamaRotaryEmbedding(config)
-    weights = linear_weights(layers)
-    for timing in choose_layouts(weights, "auto"):
+    measured, timings = choose_layouts(copy.deepcopy(layers), "auto")
+    for timing in timings:
         print(f"  layout measured: {timing.describe()}")
-    chosen = {id(w): "column" if w.stride(0) == 1 else "row" for w in weights}
 
-    def decode_step_time():
+    def decode_step_time(layers):
         cache = DynamicCache(config=config)
         with torch.inference_mode():
             hidden, positions = torch.randn(1, 20, 512), torch.arange(20)[None]
@@ -285,12 +289,8 @@ def weight_layouts(rounds: int = 7) -> None:
 
     steps: dict[str, list[float]] = {"all row-major": [], "measured layouts": []}
     for _ in range(rounds):
-        for weight in weights:
-            set_layout(weight, "row")
-        steps["all row-major"].append(decode_step_time())
-        for weight in weights:
-            set_layout(weight, chosen[id(weight)])
-        steps["measured layouts"].append(decode_step_time())
+        steps["all row-major"].append(decode_step_time(layers))
+        steps["measured layouts"].append(decode_step_time(measured))
     for name, values in steps.items():
         print(f"4 tiny-llama layers, decode step, {name:16}: {statistics.median(values) * 1e3:6.2f} ms")
     torch.set_num_threads(threads)

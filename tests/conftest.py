@@ -54,11 +54,17 @@ def peer_of(process) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_swarm(tiny_llama, request):
-    """Bootstrap peer + 3 servers splitting the tiny Llama's 5 blocks unevenly: 0:2, 2:4, 4:5. Their linear weights
-    are column-major (transposed strides), so every exactness test also covers that layout, which `auto` picks
-    for some shapes on some CPUs."""
+    """Bootstrap peer + 3 servers splitting the tiny Llama's 5 blocks unevenly: 0:2, 2:4, 4:5. The first and last
+    keep their linear weights column-major (transposed strides), the middle one multiplies them by rows
+    (`rowdot`), so every exactness test also covers those ways, which `auto` picks for some shapes on some CPUs
+    (models/layout.py)."""
     with LocalSwarm(OUTPUT_DIR / f"{request.module.__name__}-tiny-swarm") as swarm:
-        start_swarm(swarm, tiny_llama, [(0, 2), (2, 4), (4, 5)], ["--weight-layout", "column"])
+        swarm.start_dht()
+        servers = [swarm.start_server(tiny_llama, span, f"server{i}", ["--num-threads", "1", "--weight-layout", way],
+                                      wait=False)
+                   for i, (span, way) in enumerate([((0, 2), "column"), ((2, 4), "rowdot"), ((4, 5), "column")])]
+        for server in servers:
+            swarm.wait_for_line(server, "ready:", 180)
         yield swarm
 
 

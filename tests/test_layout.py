@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from corolla.client.model import _lay_out_lm_head, _two_thread_linear
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import load_blocks, load_client_parts, load_config
-from corolla.models.layout import choose_layouts, column_major, layout_of, linear_weights, set_layout
+from corolla.models.layout import (RowDotLinear, choose_layouts, column_major, layout_of, linear_weights,
+                                   set_layout)
 from corolla.models.spec import family_for
 from tiny_models import make_tiny_llama
 
@@ -28,12 +29,16 @@ def test_column_major_keeps_values_and_parameter():
     assert layout_of(column_major(torch.randn(5, 1))) == "row"  # one column: both layouts are the same strides
 
 
-def test_blocks_in_column_layout_equal_transformers_forward_and_backward(tiny_llama):
+@pytest.mark.parametrize("layout", ["column", "rowdot"])
+def test_blocks_in_a_layout_equal_transformers_forward_backward_and_decode(tiny_llama, layout):
     config = load_config(tiny_llama)
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     blocks = load_blocks(tiny_llama, config, 0, 2, "cpu", torch.float32)
-    choose_layouts(linear_weights(blocks), "column")
-    assert all(layout_of(w) == "column" for w in linear_weights(blocks))
+    same, _ = choose_layouts(blocks, layout)
+    assert same == blocks
+    assert all(layout_of(w) == ("column" if layout == "column" else "row") for w in linear_weights(blocks))
+    linears = [m for block in blocks for m in block.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 14 and all((type(m) is RowDotLinear) == (layout == "rowdot") for m in linears)
     rotary = reference.model.rotary_emb
     hidden = torch.randn(2, 7, config.hidden_size, requires_grad=True)
     positions = torch.arange(7)[None].expand(2, -1)
@@ -51,21 +56,44 @@ def test_blocks_in_column_layout_equal_transformers_forward_and_backward(tiny_ll
     grad_theirs, = torch.autograd.grad(theirs.sum(), hidden)
     assert torch.allclose(grad_ours, grad_theirs, rtol=1e-5, atol=1e-5)
 
+    # One-token steps over a cache: the products `rowdot` computes with numpy.
+    from transformers import DynamicCache
+
+    caches = DynamicCache(config=config), DynamicCache(config=config)
+    with torch.inference_mode():
+        for step in range(3):
+            length = 5 if step == 0 else 1
+            x = torch.randn(1, length, config.hidden_size)
+            positions = torch.arange(length)[None] + (0 if step == 0 else 4 + step)
+            embeddings = rotary(x, positions)
+            outs = []
+            for layers, cache in zip((blocks, reference.model.layers[:2]), caches):
+                y = x
+                for layer in layers:
+                    y = layer(y, position_ids=positions, cache=cache, use_cache=True,
+                              position_embeddings=embeddings)
+                outs.append(y)
+            assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
 
 def test_auto_measures_every_shape_and_keeps_values(tiny_llama):
     config = load_config(tiny_llama)
     blocks = load_blocks(tiny_llama, config, 0, 2, "cpu", torch.float32)
     weights = linear_weights(blocks)
     before = [w.detach().clone() for w in weights]
-    timings = choose_layouts(weights, "auto")
+    _, timings = choose_layouts(blocks, "auto")
     assert {t.shape for t in timings} == {tuple(w.shape) for w in weights}
-    assert sum(t.count for t in timings) == len(weights) and all(t.row_s > 0 and t.column_s > 0 for t in timings)
+    assert sum(t.count for t in timings) == len(weights)
+    assert all(set(t.seconds) == {"row", "column", "rowdot"} and min(t.seconds.values()) > 0 for t in timings)
     best = {t.shape: t.best for t in timings}
+    modules = {id(m.weight): m for block in blocks for m in block.modules() if isinstance(m, nn.Linear)}
     for weight, old in zip(weights, before):
-        assert layout_of(weight) == best[tuple(weight.shape)]
+        way = best[tuple(weight.shape)]
+        assert layout_of(weight) == ("column" if way == "column" else "row")
+        assert (type(modules[id(weight)]) is RowDotLinear) == (way == "rowdot")
         assert torch.equal(weight.detach(), old)
     with pytest.raises(CorollaError, match="weight layout must be one of"):
-        choose_layouts(weights, "diagonal")
+        choose_layouts(blocks, "diagonal")
 
 
 def test_tied_lm_head_stays_the_embeddings_parameter(models_dir):
@@ -81,6 +109,31 @@ def test_tied_lm_head_stays_the_embeddings_parameter(models_dir):
     assert torch.equal(embeddings(ids), table[ids])
     _lay_out_lm_head(parts, spec, "auto")  # measures a lookup in the table too; still one Parameter
     assert parts[spec.lm_head_path].weight is parts[spec.embeddings_path].weight
+    _lay_out_lm_head(parts, spec, "rowdot")
+    lm_head = parts[spec.lm_head_path]
+    assert type(lm_head) is RowDotLinear and lm_head.weight is parts[spec.embeddings_path].weight
+    assert layout_of(lm_head.weight) == "row" and torch.equal(embeddings(ids), table[ids])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_row_dot_linear_equals_linear_and_falls_back(bias):
+    linear = nn.Linear(96, 1001, bias=bias)
+    module = RowDotLinear.over(linear)
+    assert module.weight is linear.weight and module.bias is linear.bias
+    with torch.no_grad():
+        for shape in ((96,), (1, 96), (1, 1, 96), (1, 3, 96), (2, 1, 96)):
+            x = torch.randn(*shape)
+            assert torch.allclose(module(x), linear(x), rtol=1e-5, atol=1e-5), shape
+        x = torch.randn(1, 2 * 96)[:, ::2]  # strided one-token input
+        assert torch.allclose(module(x), linear(x), rtol=1e-5, atol=1e-5)
+        for dtype in (torch.float64, torch.bfloat16):  # numpy's dot products are used for float32 only
+            other = RowDotLinear.over(nn.Linear(96, 7, bias=bias).to(dtype))
+            x = torch.randn(1, 1, 96, dtype=dtype)
+            assert torch.equal(other(x), F.linear(x, other.weight, other.bias))
+    x = torch.randn(1, 1, 96, requires_grad=True)  # autograd: F.linear, so gradients flow
+    module(x).sum().backward()
+    assert linear.weight.grad is not None and torch.allclose(x.grad, linear.weight.detach().sum(0).expand(1, 1, 96),
+                                                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["row", "column"])

@@ -31,7 +31,9 @@ def test_greedy_generation_is_token_identical(client, reference):
 
 
 def test_servers_announce_the_weight_layout(tiny_swarm):
-    assert all("weight layout column" in p.log() for p in tiny_swarm.processes if p.name.startswith("server"))
+    logs = [p.log() for p in tiny_swarm.processes if p.name.startswith("server")]
+    assert ["weight layout column" in log for log in logs] == [True, False, True]
+    assert "weight layout rowdot" in logs[1]
 
 
 def test_greedy_generation_with_the_two_thread_lm_head(client, reference, monkeypatch):

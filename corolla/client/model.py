@@ -33,7 +33,7 @@ from corolla.client.training import RemoteBlocksFunction, RemoteTraining
 from corolla.client.tuning import Tuning, TuningConfig, load_tensors, read_tuning
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import DTYPES, config_dtype, load_client_parts, load_config, meta_model, model_id
-from corolla.models.layout import choose_layouts, linear_weights
+from corolla.models.layout import choose_layouts
 from corolla.models.lora import LoraSettings
 from corolla.models.spec import FamilySpec, family_for
 from corolla.net.node import NetworkConfig
@@ -308,9 +308,12 @@ def _linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _lay_out_lm_head(parts: dict[str, nn.Module], spec: FamilySpec, layout: str) -> None:
     """The LM head weight in the layout measured faster for one-token steps (models/layout.py). A tied head stays
-    the embeddings' Parameter: the measurement then counts a one-token lookup in it too."""
+    the embeddings' Parameter: the measurement then counts a one-token lookup in it too. `auto` chooses between
+    `row` and `column` only: a plain nn.Linear head runs on two threads (_two_thread_linear), which the one-thread
+    measurement does not see, and `rowdot` on one thread was no faster than that (docs/benchmarks.md)."""
     embedding = getattr(parts[spec.embeddings_path], "weight", None)
-    timings = choose_layouts(linear_weights([parts[spec.lm_head_path]]), layout, embedding=embedding)
+    (parts[spec.lm_head_path],), timings = choose_layouts([parts[spec.lm_head_path]], layout, embedding=embedding,
+                                                          ways=("row", "column"))
     for timing in timings:
         logger.info("LM head weight layout: %s", timing.describe())
 

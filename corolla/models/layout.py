@@ -1,12 +1,16 @@
-"""Memory layout of linear weights on CPU, chosen by measuring one-token steps.
+"""How CPU linear weights are stored and multiplied for one-token steps, chosen by measuring them.
 
-A weight [out, in] can be stored row-major (as loaded) or column-major: the same values with transposed strides
-(`w.T.contiguous().T`). transformers' modules use either unchanged (`F.linear` takes any strides), but the BLAS
-kernel behind them differs: for one token a step (a matrix-vector product, bound by memory reads) MKL's float32
-kernels on the development machine (AMD EPYC, Zen 4) read the 32000 x 512 LM head at 2.5 ms column-major against
-6.3 ms row-major, a [1376, 512] weight at 14-17 GB/s against 9-10, but a [512, 1376] one at 9-11 against 14.
-No rule by shape holds across CPUs and BLAS builds, so each shape's layout is measured at start-up, on the weights
-that will be used, in the order a step reads them (docs/benchmarks.md, "Hot-path cuts").
+A one-token step multiplies each weight [out, in] by one vector: a matrix-vector product, bound by how fast the
+weight is read from memory. How fast depends on the kernel and the memory layout, and which wins depends on the
+shape and the CPU. Three ways are measured, with the same values:
+* `row`: row-major (as loaded), through `F.linear` (MKL in PyTorch's x86 builds);
+* `column`: column-major (`w.T.contiguous().T`, transposed strides), through `F.linear`;
+* `rowdot`: row-major, one dot product per output row (`numpy.vecdot`, float32 only; other inputs, e.g. several
+  tokens, still go through `F.linear`). On the development machine (AMD EPYC, Zen 4) it reads tiny-llama's
+  weights at ~20 GB/s, as fast as a plain sum, where MKL's one-token products read at 9-17 GB/s.
+Each shape's way is measured at start-up, on the weights that will be used, in the order a step reads them
+(docs/benchmarks.md, "Hot-path cuts"). transformers' modules are unchanged, except that a plain `nn.Linear` whose
+weight takes `rowdot` is replaced by a `RowDotLinear` over the same Parameters (as quantization replaces them).
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from corolla.errors import CorollaError
 
-LAYOUTS = ("auto", "row", "column")  # auto: measure each shape, keep the faster
-_MARGIN = 0.05  # column-major is kept only when at least this much faster: noise must not flip a layout
+KERNELS = ("row", "column", "rowdot")
+LAYOUTS = ("auto", *KERNELS)  # auto: measure each shape, keep the fastest
+_MARGIN = 0.05  # another way is kept only when at least this much faster than `row`: noise must not flip a choice
+_ROWDOT_DTYPES = (torch.float32,)  # numpy has no bfloat16, and its float16 dot products are slow
 
 
 def check_layout(layout: str) -> None:
@@ -39,10 +46,36 @@ def layout_of(tensor: torch.Tensor) -> str:
 
 
 def set_layout(weight: nn.Parameter, layout: str) -> None:
-    """Store `weight` in `layout`, in place: the Parameter object stays, so modules sharing it (a tied LM head and
-    embedding) keep sharing it."""
-    if layout_of(weight) != layout:
-        weight.data = column_major(weight.data) if layout == "column" else weight.data.contiguous()
+    """Store `weight` column-major for `column`, row-major otherwise, in place: the Parameter object stays, so
+    modules sharing it (a tied LM head and embedding) keep sharing it."""
+    wanted = "column" if layout == "column" else "row"
+    if layout_of(weight) != wanted:
+        weight.data = column_major(weight.data) if wanted == "column" else weight.data.contiguous()
+
+
+class RowDotLinear(nn.Linear):
+    """An nn.Linear whose one-token products are one dot product per output row (`numpy.vecdot` over the weight's
+    memory, no copy). Anything else (several tokens, autograd, other dtypes or devices) goes through `F.linear`.
+    The results equal `F.linear`'s up to float rounding order."""
+
+    @classmethod
+    def over(cls, linear: nn.Linear) -> RowDotLinear:
+        """A RowDotLinear holding `linear`'s own Parameters (a tied weight stays tied)."""
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        module.weight, module.bias = linear.weight, linear.bias
+        return module.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if (x.numel() == self.in_features and x.dtype == weight.dtype and weight.dtype in _ROWDOT_DTYPES
+                and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                      or (bias is not None and bias.requires_grad)))):
+            out = torch.from_numpy(np.vecdot(weight.detach().numpy(), x.detach().reshape(-1).numpy()))
+            if bias is not None:
+                out += bias.detach()
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, weight, bias)
 
 
 def linear_weights(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -61,53 +94,64 @@ def linear_weights(modules: list[nn.Module]) -> list[nn.Parameter]:
 
 @dataclass(frozen=True)
 class ShapeTiming:
-    """One-token (M=1) `F.linear` time of all measured weights of one shape and dtype, per layout."""
+    """One-token product time of all measured weights of one shape and dtype, per way (KERNELS)."""
 
     shape: tuple[int, int]  # [out_features, in_features]
     dtype: torch.dtype
     count: int  # weights of this shape in the measured passes
-    row_s: float  # fastest pass's summed time of those weights' products, row-major (other load only adds)
-    column_s: float  # the same, column-major
+    seconds: dict[str, float]  # way -> fastest pass's summed time of those weights' products (load only adds)
 
     @property
     def best(self) -> str:
-        return "column" if self.column_s < self.row_s * (1 - _MARGIN) else "row"
+        fastest = min(self.seconds, key=self.seconds.get)
+        return fastest if self.seconds[fastest] < self.seconds["row"] * (1 - _MARGIN) else "row"
 
     def describe(self) -> str:
         nbytes = self.count * self.shape[0] * self.shape[1] * self.dtype.itemsize
-        return (f"[{self.shape[0]}, {self.shape[1]}] x{self.count}: row {nbytes / self.row_s / 1e9:.1f} GB/s, "
-                f"column {nbytes / self.column_s / 1e9:.1f} GB/s -> {self.best}")
+        rates = ", ".join(f"{way} {nbytes / s / 1e9:.1f} GB/s" for way, s in self.seconds.items())
+        return f"[{self.shape[0]}, {self.shape[1]}] x{self.count}: {rates} -> {self.best}"
+
+
+def _product(way: str, weight: torch.Tensor, x: torch.Tensor) -> None:
+    if way == "rowdot":
+        np.vecdot(weight.numpy(), x.numpy()[0])
+    else:
+        F.linear(x, weight)
 
 
 def measure_layouts(weights: list[torch.Tensor], rounds: int = 9, budget_s: float = 3.0,
-                    embedding_index: int | None = None) -> list[ShapeTiming]:
-    """Time a one-token product with each weight, in order, once per layout per round (the layouts' passes
-    alternate, their order too), after one warm-up round; at least 3 rounds, more up to `rounds` within `budget_s`.
-    Each layout keeps its fastest pass: load from other processes only ever adds time.
+                    embedding_index: int | None = None, ways: tuple[str, ...] = KERNELS) -> list[ShapeTiming]:
+    """Time a one-token product with each weight, in order, once per way per round (the ways' passes alternate,
+    their order rotates), after one warm-up round; at least 3 rounds, more up to `rounds` within `budget_s`. Each
+    way keeps its fastest pass: load from other processes only ever adds time. `ways` must include `row`; `rowdot`
+    is measured for float32 weights only.
 
     A column-major copy of every weight is held during the measurement. `embedding_index`: the weight that is also an
     embedding table (a tied LM head); each pass then includes a one-token lookup in it, which is slower
     column-major."""
-    copies = {"row": [w.contiguous() for w in weights], "column": [column_major(w) for w in weights]}
+    copies = {"row": [w.detach().contiguous() for w in weights], "column": [column_major(w.detach()) for w in weights]}
+    copies["rowdot"] = copies["row"]
     keys = [(tuple(w.shape), w.dtype) for w in weights]
     inputs = {(w.shape[1], w.dtype): torch.randn(1, w.shape[1]).to(w.dtype) for w in weights}
     token = torch.zeros(1, dtype=torch.long)
-    passes: dict[str, list[dict]] = {"row": [], "column": []}
+    passes: dict[str, list[dict]] = {way: [] for way in ways}
     began = time.perf_counter()
     with torch.inference_mode():
         for round_index in range(rounds + 1):
-            order = ("row", "column") if round_index % 2 == 0 else ("column", "row")
-            for layout in order:
+            shift = round_index % len(ways)
+            for way in ways[shift:] + ways[:shift]:
                 totals: dict = {}
-                for i, (weight, key) in enumerate(zip(copies[layout], keys)):
+                for i, (weight, key) in enumerate(zip(copies[way], keys)):
+                    if way == "rowdot" and key[1] not in _ROWDOT_DTYPES:
+                        continue
                     x = inputs[(key[0][1], key[1])]
                     start = time.perf_counter()
-                    F.linear(x, weight)
+                    _product(way, weight, x)
                     if i == embedding_index:
                         F.embedding(token, weight)
                     totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
                 if round_index > 0:  # round 0 warms up
-                    passes[layout].append(totals)
+                    passes[way].append(totals)
             if round_index >= 3 and time.perf_counter() - began > budget_s:
                 break
     del copies
@@ -115,36 +159,52 @@ def measure_layouts(weights: list[torch.Tensor], rounds: int = 9, budget_s: floa
     for key in keys:
         counts[key] = counts.get(key, 0) + 1
     return [ShapeTiming(shape=key[0], dtype=key[1], count=count,
-                        row_s=min(p[key] for p in passes["row"]),
-                        column_s=min(p[key] for p in passes["column"]))
+                        seconds={way: min(p[key] for p in passes[way]) for way in ways if key in passes[way][0]})
             for key, count in counts.items()]
 
 
-def choose_layouts(weights: list[nn.Parameter], layout: str, sample_bytes: int = 128 * 2**20,
-                   embedding: torch.Tensor | None = None) -> list[ShapeTiming]:
-    """Put every weight in `layout`; with "auto", in the layout measured faster for its shape and dtype.
+def choose_layouts(roots: list[nn.Module], layout: str, sample_bytes: int = 128 * 2**20,
+                   embedding: torch.Tensor | None = None,
+                   ways: tuple[str, ...] = KERNELS) -> tuple[list[nn.Module], list[ShapeTiming]]:
+    """Give every CPU linear weight inside `roots` the way `layout` names; with "auto", the way among `ways`
+    measured fastest for its shape and dtype. Returns `roots` (a root that is itself an nn.Linear taking `rowdot` is replaced by its
+    RowDotLinear; inner modules are replaced in place) and the measurements (none unless "auto").
 
     The measurement uses the first weights, in order, up to `sample_bytes` (all of them when they are fewer): more
     than a CPU's last-level cache, so a pass reads them from memory as a step of a large span does, and the
-    time and the extra memory (a column-major copy of the sample) stay bounded. Returns the measurements (none
-    unless "auto")."""
+    time and the extra memory (a column-major copy of the sample) stay bounded."""
     check_layout(layout)
-    if layout != "auto":
+    weights = linear_weights(roots)
+    timings: list[ShapeTiming] = []
+    if layout == "auto":
+        sample, total = [], 0
         for weight in weights:
-            set_layout(weight, layout)
-        return []
-    sample, total = [], 0
-    for weight in weights:
-        if total >= sample_bytes:
-            break
-        sample.append(weight)
-        total += weight.numel() * weight.element_size()
-    if not sample:  # e.g. quantized layers: no float weights to lay out
-        return []
-    tied = next((i for i, weight in enumerate(sample) if weight is embedding), None)
-    timings = measure_layouts([weight.data for weight in sample], embedding_index=tied)
-    best = {(t.shape, t.dtype): t.best for t in timings}
-    for weight in weights:
+            if total >= sample_bytes:
+                break
+            sample.append(weight)
+            total += weight.numel() * weight.element_size()
+        if not sample:  # e.g. quantized layers: no float weights to lay out
+            return roots, []
+        tied = next((i for i, weight in enumerate(sample) if weight is embedding), None)
+        timings = measure_layouts([weight.data for weight in sample], embedding_index=tied, ways=ways)
+        best = {(t.shape, t.dtype): t.best for t in timings}
         # Shapes past the sample (rare: spans mix shapes early) stay as loaded.
-        set_layout(weight, best.get((tuple(weight.shape), weight.dtype), layout_of(weight)))
-    return timings
+        ways = {id(w): best.get((tuple(w.shape), w.dtype), layout_of(w)) for w in weights}
+    else:
+        ways = {id(w): layout for w in weights}
+    for weight in weights:
+        set_layout(weight, ways[id(weight)])
+    row_dot = {key for key, way in ways.items() if way == "rowdot"}
+    return [_with_row_dot(root, row_dot) for root in roots], timings
+
+
+def _with_row_dot(root: nn.Module, weights: set[int]) -> nn.Module:
+    """`root` with every plain nn.Linear whose weight is in `weights` replaced by a RowDotLinear over the same
+    Parameters (subclasses of nn.Linear, e.g. Falcon's, keep their own forward)."""
+    if type(root) is nn.Linear:
+        return RowDotLinear.over(root) if id(root.weight) in weights else root
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and id(child.weight) in weights:
+                setattr(parent, name, RowDotLinear.over(child))
+    return root

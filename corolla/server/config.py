@@ -27,11 +27,12 @@ class ServerConfig:
     cuda_graphs: bool = field(default=True, metadata={"help": "replay single-token decode steps from CUDA graphs "
                                                               "(CUDA, unquantized; --no-cuda-graphs runs every step the "
                                                               "ordinary way)"})
-    weight_layout: str = field(default="auto", metadata={"help": "CPU only: memory layout of the blocks' linear "
-                                                                 "weights: auto (measure both for each shape at "
-                                                                 "start-up, keep the faster for one-token steps), "
-                                                                 "row (as loaded) or column (the same values with "
-                                                                 "transposed strides)"})
+    weight_layout: str = field(default="auto", metadata={"help": "CPU only: how the blocks' linear weights are "
+                                                                 "stored and multiplied in one-token steps: auto "
+                                                                 "(measure each way for each shape at start-up, keep "
+                                                                 "the fastest), row (as loaded), column (the same "
+                                                                 "values with transposed strides) or rowdot "
+                                                                 "(row-major, one dot product per row, float32)"})
     cache_tokens: int = field(default=32768, metadata={"help": "attention-cache budget, in tokens over all sessions"})
     max_session_length: int | None = field(default=None, metadata={"help": "most tokens one session may hold "
                                                                            "(default: the model's maximum length)"})

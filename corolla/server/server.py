@@ -19,7 +19,7 @@ from corolla.errors import CorollaError
 from corolla.models.checkpoint import (DTYPES, Checkpoint, checkpoint_names, config_dtype, load_blocks, load_config,
                                        make_span_helpers, model_id)
 from corolla.models.embedded import cache_dir
-from corolla.models.layout import LAYOUTS, choose_layouts, linear_weights
+from corolla.models.layout import LAYOUTS, choose_layouts
 from corolla.models.spec import family_for
 from corolla.net.directory import read_servers
 from corolla.net.messages import BACKWARD_PROTOCOL, FORWARD_PROTOCOL, INFERENCE_PROTOCOL, PUSH_PROTOCOL
@@ -123,7 +123,7 @@ class Server:
         if self.device.type == "cpu" and self.config.weight_layout != "row":
             layout = f"|layout={self.config.weight_layout}"
             began = time.perf_counter()
-            timings = choose_layouts(linear_weights(blocks), self.config.weight_layout)
+            blocks, timings = choose_layouts(blocks, self.config.weight_layout)
             if timings or self.config.weight_layout != "auto":  # auto with no float linear weights: nothing done
                 measured = f" (measured in {time.perf_counter() - began:.2f} s, one-token products)" if timings else ""
                 print(f"weight layout {self.config.weight_layout}{measured}"
