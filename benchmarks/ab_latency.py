@@ -7,6 +7,7 @@ per token of all the variant's swarm processes (client, servers, p2p daemons).
 
     .venv/bin/python benchmarks/ab_latency.py a23c14e HEAD --rounds 10
     .venv/bin/python benchmarks/ab_latency.py HEAD HEAD:CLIENT_THREADS=1      # REV:VAR=VALUE sets an env variable
+    .venv/bin/python benchmarks/ab_latency.py WORKTREE:CLIENT_LAYOUT=column WORKTREE:CLIENT_LAYOUT=rowdot
     .venv/bin/python benchmarks/ab_latency.py a23c14e HEAD --prompt-tokens 512 --new-tokens 2   # prefill
 
 Model and method as benchmarks/swarm_latency.py (tiny-llama, 20-token prompt, 64 new tokens, ms/token = mean gap
@@ -64,7 +65,12 @@ def worker(model_dir: Path, new_tokens: int, prompt_tokens: int) -> None:
         swarm.start_dht()
         server_args = json.loads(os.environ.get("SERVER_ARGS", '["--num-threads", "1"]'))
         swarm.start_servers(model_dir, split_blocks(8, 2), server_args)
-        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+        client_config = {}
+        if os.environ.get("CLIENT_LAYOUT"):  # the LM head's weight layout (ClientConfig.weight_layout)
+            from corolla.client.config import ClientConfig
+            client_config["client_config"] = ClientConfig(weight_layout=os.environ["CLIENT_LAYOUT"])
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers,
+                                                                **client_config)
         generate(model, 4)  # warm-up: routes, connections
         import corolla
         if not corolla.__file__.startswith(os.environ["PYTHONPATH"]):

@@ -136,13 +136,14 @@ def test_row_dot_linear_equals_linear_and_falls_back(bias):
                                                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["row", "column"])
+@pytest.mark.parametrize("layout", ["row", "column", "rowdot"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_two_thread_lm_head_equals_the_single_call(layout, bias):
     from concurrent.futures import ThreadPoolExecutor
 
     linear = nn.Linear(96, 1001, bias=bias).requires_grad_(False)  # odd size: unequal halves
-    set_layout(linear.weight, layout)
+    (linear,), _ = choose_layouts([linear], layout)
+    assert (type(linear) is RowDotLinear) == (layout == "rowdot")
     with ThreadPoolExecutor(1) as pool, torch.no_grad():
         for rows in (1, 2, 5):
             x = torch.randn(1, rows, 96)

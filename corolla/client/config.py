@@ -26,7 +26,7 @@ class ClientConfig:
     max_request_tokens: int = 8192  # training: larger batches are split into requests of at most this many tokens
     allowed_servers: tuple[str, ...] | None = None  # peer ids the client may use (None = any)
     blocked_servers: tuple[str, ...] = ()  # peer ids the client must not use
-    # How the LM head weight is stored and multiplied on CPU: auto (measure row and column at load, keep the faster
+    # How the LM head weight is stored and multiplied on CPU: auto (measure each way at load, keep the fastest
     # for one-token steps), row (as loaded), column (the same values with transposed strides) or rowdot (row-major,
     # one dot product per row); see models/layout.py.
     weight_layout: str = "auto"

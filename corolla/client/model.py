@@ -33,7 +33,7 @@ from corolla.client.training import RemoteBlocksFunction, RemoteTraining
 from corolla.client.tuning import Tuning, TuningConfig, load_tensors, read_tuning
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import DTYPES, config_dtype, load_client_parts, load_config, meta_model, model_id
-from corolla.models.layout import choose_layouts
+from corolla.models.layout import RowDotLinear, choose_layouts, row_dot
 from corolla.models.lora import LoraSettings
 from corolla.models.spec import FamilySpec, family_for
 from corolla.net.node import NetworkConfig
@@ -278,42 +278,48 @@ _SPLIT_MAX_ROWS = 8  # more rows: a matrix product, which torch's own threads al
 
 
 def _splits(lm_head: nn.Module, hidden: torch.Tensor) -> bool:
-    """Whether the LM head runs on two threads: a large plain nn.Linear, a few rows (decoding), no autograd graph
-    to record (grad mode is per thread), and torch allowed more than one thread."""
-    if type(lm_head) is not nn.Linear or torch.is_grad_enabled() or torch.get_num_threads() < 2:
+    """Whether the LM head runs on two threads: a large plain nn.Linear (or RowDotLinear) on CPU, torch allowed
+    more than one thread, a few rows (decoding), and no autograd graph to record (grad mode is per thread)."""
+    return (_splittable(lm_head) and not torch.is_grad_enabled()
+            and hidden.numel() <= _SPLIT_MAX_ROWS * lm_head.weight.shape[1])
+
+
+def _splittable(lm_head: nn.Module) -> bool:
+    if type(lm_head) not in (nn.Linear, RowDotLinear) or torch.get_num_threads() < 2:
         return False
     weight = lm_head.weight
-    return (weight.device.type == "cpu" and weight.numel() * weight.element_size() >= _SPLIT_MIN_BYTES
-            and hidden.numel() <= _SPLIT_MAX_ROWS * weight.shape[1])
+    return weight.device.type == "cpu" and weight.numel() * weight.element_size() >= _SPLIT_MIN_BYTES
 
 
 def _two_thread_linear(linear: nn.Linear, pool: ThreadPoolExecutor, x: torch.Tensor) -> torch.Tensor:
     """`linear(x)`, half of the outputs computed on a second thread. For a few rows, a CPU matrix-vector product
-    runs on one thread in MKL whatever torch's thread count, and reads memory at ~20-25 GB/s here; two threads
-    reading half each get more (32000 x 512 float32 LM head: 3.2 -> 2.7 ms, docs/benchmarks.md). Each output is
-    the same product of the same row as in one call (bitwise equal in the cases measured; BLAS may block a half
-    differently, which changes float rounding order at most). At batch 1 the servers are idle meanwhile, so the
-    second core is free; the pool's thread sleeps on a queue between calls (no spinning)."""
+    runs on one thread (in MKL whatever torch's thread count; numpy's dot products for a RowDotLinear); two threads
+    reading half each read memory faster than one (32000 x 512 float32 LM head: 3.2 -> 2.7 ms column-major,
+    docs/benchmarks.md). Each output is the same product of the same row as in one call (bitwise equal in the
+    cases measured; BLAS may block a half differently, which changes float rounding order at most). At batch 1 the
+    servers are idle meanwhile, so the second core is free; the pool's thread sleeps on a queue between calls (no
+    spinning)."""
     half = linear.out_features // 2
     bias = linear.bias
-    second = pool.submit(_linear_no_grad, x, linear.weight[half:], None if bias is None else bias[half:])
-    first = F.linear(x, linear.weight[:half], None if bias is None else bias[:half])
+    product = row_dot if type(linear) is RowDotLinear else F.linear
+    second = pool.submit(_no_grad, product, x, linear.weight[half:], None if bias is None else bias[half:])
+    first = product(x, linear.weight[:half], None if bias is None else bias[:half])
     return torch.cat([first, second.result()], dim=-1)
 
 
-def _linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _no_grad(product, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     with torch.no_grad():  # the caller's grad mode does not reach this thread
-        return F.linear(x, weight, bias)
+        return product(x, weight, bias)
 
 
 def _lay_out_lm_head(parts: dict[str, nn.Module], spec: FamilySpec, layout: str) -> None:
     """The LM head weight in the layout measured faster for one-token steps (models/layout.py). A tied head stays
-    the embeddings' Parameter: the measurement then counts a one-token lookup in it too. `auto` chooses between
-    `row` and `column` only: a plain nn.Linear head runs on two threads (_two_thread_linear), which the one-thread
-    measurement does not see, and `rowdot` on one thread was no faster than that (docs/benchmarks.md)."""
+    the embeddings' Parameter: the measurement then counts a one-token lookup in it too. A head that decoding will
+    run on two threads (_splits) is measured that way."""
     embedding = getattr(parts[spec.embeddings_path], "weight", None)
-    (parts[spec.lm_head_path],), timings = choose_layouts([parts[spec.lm_head_path]], layout, embedding=embedding,
-                                                          ways=("row", "column"))
+    lm_head = parts[spec.lm_head_path]
+    (parts[spec.lm_head_path],), timings = choose_layouts([lm_head], layout, embedding=embedding,
+                                                          split=_splittable(lm_head))
     for timing in timings:
         logger.info("LM head weight layout: %s", timing.describe())
 

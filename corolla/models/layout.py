@@ -15,7 +15,10 @@ weight takes `rowdot` is replaced by a `RowDotLinear` over the same Parameters (
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,16 +69,21 @@ class RowDotLinear(nn.Linear):
         return module.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if (x.numel() == self.in_features and x.dtype == weight.dtype and weight.dtype in _ROWDOT_DTYPES
-                and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                      or (bias is not None and bias.requires_grad)))):
-            out = torch.from_numpy(np.vecdot(weight.detach().numpy(), x.detach().reshape(-1).numpy()))
-            if bias is not None:
-                out += bias.detach()
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, weight, bias)
+        return row_dot(x, self.weight, self.bias)
+
+
+def row_dot(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; for one token (float32, CPU, row-major weight, no autograd) computed as one
+    `numpy.vecdot` over the weight's memory."""
+    if (x.numel() == weight.shape[1] and x.dtype == weight.dtype and weight.dtype in _ROWDOT_DTYPES
+            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+        out = torch.from_numpy(np.vecdot(weight.detach().numpy(), x.detach().reshape(-1).numpy()))
+        if bias is not None:
+            out += bias.detach()
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 def linear_weights(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -119,34 +127,45 @@ def _product(way: str, weight: torch.Tensor, x: torch.Tensor) -> None:
         F.linear(x, weight)
 
 
+def _split_product(pool: ThreadPoolExecutor, way: str, weight: torch.Tensor, x: torch.Tensor) -> None:
+    """The product as two halves of the outputs, one on `pool`'s thread (as the client's LM head runs)."""
+    half = weight.shape[0] // 2
+    second = pool.submit(_product, way, weight[half:], x)
+    _product(way, weight[:half], x)
+    second.result()
+
+
 def measure_layouts(weights: list[torch.Tensor], rounds: int = 9, budget_s: float = 3.0,
-                    embedding_index: int | None = None, ways: tuple[str, ...] = KERNELS) -> list[ShapeTiming]:
+                    embedding_index: int | None = None, split: bool = False) -> list[ShapeTiming]:
     """Time a one-token product with each weight, in order, once per way per round (the ways' passes alternate,
     their order rotates), after one warm-up round; at least 3 rounds, more up to `rounds` within `budget_s`. Each
-    way keeps its fastest pass: load from other processes only ever adds time. `ways` must include `row`; `rowdot`
-    is measured for float32 weights only.
+    way keeps its fastest pass: load from other processes only ever adds time. `rowdot` is measured for float32
+    weights only.
 
     A column-major copy of every weight is held during the measurement. `embedding_index`: the weight that is also an
     embedding table (a tied LM head); each pass then includes a one-token lookup in it, which is slower
-    column-major."""
+    column-major. `split`: time each product as two halves on two threads, the way the client runs its LM head
+    (halves of a row-major weight are contiguous, halves of a column-major one are not)."""
     copies = {"row": [w.detach().contiguous() for w in weights], "column": [column_major(w.detach()) for w in weights]}
     copies["rowdot"] = copies["row"]
     keys = [(tuple(w.shape), w.dtype) for w in weights]
     inputs = {(w.shape[1], w.dtype): torch.randn(1, w.shape[1]).to(w.dtype) for w in weights}
     token = torch.zeros(1, dtype=torch.long)
-    passes: dict[str, list[dict]] = {way: [] for way in ways}
+    passes: dict[str, list[dict]] = {way: [] for way in KERNELS}
+    pool = ThreadPoolExecutor(1) if split else None
+    product = functools.partial(_split_product, pool) if split else _product
     began = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), pool or contextlib.nullcontext():
         for round_index in range(rounds + 1):
-            shift = round_index % len(ways)
-            for way in ways[shift:] + ways[:shift]:
+            shift = round_index % len(KERNELS)
+            for way in KERNELS[shift:] + KERNELS[:shift]:
                 totals: dict = {}
                 for i, (weight, key) in enumerate(zip(copies[way], keys)):
                     if way == "rowdot" and key[1] not in _ROWDOT_DTYPES:
                         continue
                     x = inputs[(key[0][1], key[1])]
                     start = time.perf_counter()
-                    _product(way, weight, x)
+                    product(way, weight, x)
                     if i == embedding_index:
                         F.embedding(token, weight)
                     totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
@@ -159,20 +178,20 @@ def measure_layouts(weights: list[torch.Tensor], rounds: int = 9, budget_s: floa
     for key in keys:
         counts[key] = counts.get(key, 0) + 1
     return [ShapeTiming(shape=key[0], dtype=key[1], count=count,
-                        seconds={way: min(p[key] for p in passes[way]) for way in ways if key in passes[way][0]})
+                        seconds={way: min(p[key] for p in passes[way]) for way in KERNELS if key in passes[way][0]})
             for key, count in counts.items()]
 
 
 def choose_layouts(roots: list[nn.Module], layout: str, sample_bytes: int = 128 * 2**20,
                    embedding: torch.Tensor | None = None,
-                   ways: tuple[str, ...] = KERNELS) -> tuple[list[nn.Module], list[ShapeTiming]]:
-    """Give every CPU linear weight inside `roots` the way `layout` names; with "auto", the way among `ways`
-    measured fastest for its shape and dtype. Returns `roots` (a root that is itself an nn.Linear taking `rowdot` is replaced by its
+                   split: bool = False) -> tuple[list[nn.Module], list[ShapeTiming]]:
+    """Give every CPU linear weight inside `roots` the way `layout` names; with "auto", the way measured fastest
+    for its shape and dtype. Returns `roots` (a root that is itself an nn.Linear taking `rowdot` is replaced by its
     RowDotLinear; inner modules are replaced in place) and the measurements (none unless "auto").
 
     The measurement uses the first weights, in order, up to `sample_bytes` (all of them when they are fewer): more
     than a CPU's last-level cache, so a pass reads them from memory as a step of a large span does, and the
-    time and the extra memory (a column-major copy of the sample) stay bounded."""
+    time and the extra memory (a column-major copy of the sample) stay bounded. `split`: see measure_layouts."""
     check_layout(layout)
     weights = linear_weights(roots)
     timings: list[ShapeTiming] = []
@@ -186,7 +205,7 @@ def choose_layouts(roots: list[nn.Module], layout: str, sample_bytes: int = 128 
         if not sample:  # e.g. quantized layers: no float weights to lay out
             return roots, []
         tied = next((i for i, weight in enumerate(sample) if weight is embedding), None)
-        timings = measure_layouts([weight.data for weight in sample], embedding_index=tied, ways=ways)
+        timings = measure_layouts([weight.data for weight in sample], embedding_index=tied, split=split)
         best = {(t.shape, t.dtype): t.best for t in timings}
         # Shapes past the sample (rare: spans mix shapes early) stay as loaded.
         ways = {id(w): best.get((tuple(w.shape), w.dtype), layout_of(w)) for w in weights}
@@ -194,8 +213,8 @@ def choose_layouts(roots: list[nn.Module], layout: str, sample_bytes: int = 128 
         ways = {id(w): layout for w in weights}
     for weight in weights:
         set_layout(weight, ways[id(weight)])
-    row_dot = {key for key, way in ways.items() if way == "rowdot"}
-    return [_with_row_dot(root, row_dot) for root in roots], timings
+    rowdot_weights = {key for key, way in ways.items() if way == "rowdot"}
+    return [_with_row_dot(root, rowdot_weights) for root in roots], timings
 
 
 def _with_row_dot(root: nn.Module, weights: set[int]) -> nn.Module:
