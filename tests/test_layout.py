@@ -96,6 +96,20 @@ def test_auto_measures_every_shape_and_keeps_values(tiny_llama):
         choose_layouts(blocks, "diagonal")
 
 
+def test_auto_gives_rowdot_only_to_plain_linear_layers():
+    class OwnLinear(nn.Linear):  # like Falcon's FalconLinear: a subclass with its own forward
+        pass
+
+    block = nn.Sequential(nn.Linear(512, 512, bias=False), OwnLinear(512, 512, bias=False)).requires_grad_(False)
+    (same,), timings = choose_layouts([block], "auto")
+    assert same is block
+    (timing,) = timings
+    assert timing.count == 2 and timing.best_among(("row", "column")) in ("row", "column")
+    assert type(block[0]) is (RowDotLinear if timing.best == "rowdot" else nn.Linear)
+    assert type(block[1]) is OwnLinear
+    assert layout_of(block[1].weight) == timing.best_among(("row", "column"))
+
+
 def test_tied_lm_head_stays_the_embeddings_parameter(models_dir):
     path = make_tiny_llama(models_dir / "tiny-llama-tied-layout", num_layers=2, tie=True)
     config = load_config(path)
