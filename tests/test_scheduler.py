@@ -82,3 +82,47 @@ def test_inference_runs_before_forward(tiny_llama):
 
     asyncio.run(main())
     assert order == ["inference", "forward"]
+
+
+def test_a_lone_sessions_decode_steps_run_on_the_loop_thread(tiny_llama):
+    """alone=True: decode steps run on the calling (event loop) thread while the compute thread is idle, with the
+    same results; a prefill, and a step that arrives while the compute thread is busy, still go through it."""
+    import threading
+
+    backend = make_backend(tiny_llama, 1, 4)
+    prompt, decode = session_inputs(backend.config, 3, 6, 3)
+    threads = []
+    run_sync = backend.run_sync
+
+    def recording_run_sync(*args):
+        threads.append(threading.current_thread().name)
+        return run_sync(*args)
+
+    async def session(alone):
+        scheduler = Scheduler(backend)
+        try:
+            cache = backend.new_cache()
+            outputs = [await scheduler.run(1, 4, SpanInputs(prompt, torch.arange(6)[None], None, cache), True,
+                                           alone=alone)]
+            for step, hidden in enumerate(decode):
+                if step == len(decode) - 1:  # the compute thread busy with a long forward meanwhile
+                    long = torch.randn(1, 256, backend.config.hidden_size)
+                    blocker = asyncio.ensure_future(
+                        scheduler.run(1, 4, SpanInputs(long, torch.arange(256)[None], None, None), False))
+                    for _ in range(5000):  # bounded: 5 s
+                        if scheduler._computing:
+                            break
+                        await asyncio.sleep(0.001)
+                outputs.append(await scheduler.run(1, 4, SpanInputs(hidden, torch.tensor([[6 + step]]), None, cache),
+                                                   True, alone=alone))
+            await blocker
+            return outputs
+        finally:
+            scheduler.shutdown()
+
+    expected = asyncio.run(session(alone=False))
+    backend.run_sync = recording_run_sync
+    got = asyncio.run(session(alone=True))
+    assert threads == ["corolla-compute", "MainThread", "MainThread", "corolla-compute", "corolla-compute"]
+    for want, have in zip(expected, got):
+        assert torch.allclose(want, have, rtol=1e-6, atol=1e-6)

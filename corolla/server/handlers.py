@@ -275,7 +275,8 @@ class Handlers:
             try:
                 if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
                     raise RuntimeError("failure injected for testing (--debug-fail-file)")
-                output = await self.scheduler.run(session.start_block, session.end_block, inputs, inference=True)
+                output = await self.scheduler.run(session.start_block, session.end_block, inputs, inference=True,
+                                                  alone=len(self.sessions) == 1)
             except Exception as e:
                 logger.exception("step failed in session %s", session.name)
                 # The cache may hold part of this step now: end the session; the client replays elsewhere.

@@ -65,20 +65,35 @@ class Scheduler:
         self._inference: deque[Work] = deque()
         self._forward: deque[Work] = deque()
         self._wake = threading.Condition()
+        self._computing = False  # the compute thread is running a batch (guarded by _wake)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="corolla-compute", daemon=True)
         self._thread.start()
 
     async def run(self, start_block: int, end_block: int, inputs: SpanInputs, inference: bool,
-                  grad_output: torch.Tensor | None = None):
+                  grad_output: torch.Tensor | None = None, alone: bool = False):
         """The output of blocks [start_block, end_block) on `inputs`; with `grad_output`, a backward pass instead
-        (returns backend.Gradients)."""
+        (returns backend.Gradients).
+
+        `alone`: the caller's inference session is the only one open. On a CPU, its decode steps then run right
+        here, on the event loop's thread, while the compute thread is idle: there is nothing to batch them with, and
+        the two thread hand-offs cost ~0.1 + 0.2 ms a step on a busy 2-core machine (docs/benchmarks.md). Nothing
+        else can be submitted meanwhile (submissions come from this thread), so computations never overlap."""
         loop = asyncio.get_running_loop()
         work = Work(start_block, end_block, inputs, inference, loop.create_future(), loop, grad_output)
         with self._wake:
-            (self._inference if inference else self._forward).append(work)
-            self._wake.notify()
+            inline = alone and self._runs_inline(work)
+            if not inline:
+                (self._inference if inference else self._forward).append(work)
+                self._wake.notify()
+        if inline:
+            return self._compute([work])[0]
         return await work.future
+
+    def _runs_inline(self, work: Work) -> bool:
+        return (self.backend.device.type == "cpu" and work.inference and work.grad_output is None
+                and work.inputs.hidden.shape[1] == 1
+                and not (self._inference or self._forward or self._computing))
 
     # ---- compute thread ---------------------------------------------------------------------------------------
 
@@ -95,14 +110,21 @@ class Scheduler:
                     logger.exception("planning a batch failed; running the first request alone")
                     queue = self._inference or self._forward
                     batch = [queue.popleft()]
+                self._computing = True
             try:
                 outputs = self._compute(batch)
             except Exception as e:  # the handler reports it; the thread goes on
+                self._idle()
                 for work in batch:
                     work.loop.call_soon_threadsafe(_set_exception, work.future, e)
                 continue
+            self._idle()  # before the results: a lone session's next step may then run inline
             for work, output in zip(batch, outputs):
                 work.loop.call_soon_threadsafe(_set_result, work.future, output)
+
+    def _idle(self) -> None:
+        with self._wake:
+            self._computing = False
 
     def _plan(self) -> list[Work]:
         """Pick what runs next: all waiting batchable decode steps over the first one's blocks, else one request."""
