@@ -25,6 +25,7 @@ swarm runs; any non-loopback address is reported.
     .venv/bin/python benchmarks/petals_compare.py [--runs 5] [--new-tokens 64] [--prefill-tokens 512]
         [--delays 10 50] [--anchor-dir ../shared/anchors/petals] [--petals-venv DIR] [--models DIR]
         [--json out.json]
+    .venv/bin/python benchmarks/petals_compare.py --interleave 6     # decode only, Corolla and Petals alternating
 
 Needs the anchor's Petals venv (`make bench-petals` makes it with the anchor's setup.sh). The anchor's model is
 made with its make_models.py (Petals venv) when missing. Defaults: --anchor-dir from $COROLLA_PETALS_ANCHOR or
@@ -274,7 +275,10 @@ def run_petals_client(args, petals_py: Path, model_dir: Path, inputs_path: Path,
 
 
 def measure_petals_swarm(args, petals_py: Path, model_dir: Path, num_blocks: int, spans, inputs_path: Path,
-                         workdir: Path, env: dict) -> dict:
+                         workdir: Path, env: dict, rounds: int = 1, between=None) -> dict:
+    """Start the Petals swarm, run the Petals client `rounds` times (a fresh client process each time), calling
+    `between(round)` before each client run (interleaved measurements of something else), stop the swarm.
+    Returns the first client run's result, the others under "rounds" (all of them)."""
     loopback = str(args.anchor_dir / "loopback.py")
     bench = str(args.anchor_dir / "bench_client.py")
     procs: list[Proc] = []
@@ -313,8 +317,14 @@ def measure_petals_swarm(args, petals_py: Path, model_dir: Path, num_blocks: int
             pids.update(group_members(proc.pid))
         result["netcheck"] = netcheck(pids)
         log(f"  Petals swarm up ({result['servers_online_s']:.1f} s); sockets: {result['netcheck']}")
-        result.update(run_petals_client(args, petals_py, model_dir, inputs_path, workdir, env, "petals-client",
-                                        ["--prefix", PETALS_PREFIX, "--peers", peer]))
+        result["rounds"] = []
+        for index in range(rounds):
+            if between is not None:
+                between(index)
+            result["rounds"].append(run_petals_client(args, petals_py, model_dir, inputs_path, workdir, env,
+                                                      f"petals-client-{index}",
+                                                      ["--prefix", PETALS_PREFIX, "--peers", peer]))
+        result.update(result["rounds"][0])
     finally:
         for proc in reversed(procs):
             killed = proc.stop()
@@ -352,6 +362,10 @@ def main() -> None:
                                                                         "processes) if an attempt fails")
     parser.add_argument("--start-timeout", type=float, default=300, help="seconds, per swarm start")
     parser.add_argument("--client-timeout", type=float, default=900, help="seconds, per Petals client run")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="instead of the table: Corolla (2 servers) and Petals (2 servers) both kept up, their "
+                             "decode measured in alternating order for ROUNDS rounds (--runs runs each), ratio per "
+                             "round: load bursts on a shared machine then hit both alike")
     parser.add_argument("--json", default=None, help="write every figure here")
     args = parser.parse_args()
     args.anchor_dir = args.anchor_dir.resolve()
@@ -445,6 +459,10 @@ def main() -> None:
                 model.close()
         add_row(name, "corolla", *measured, servers=servers, delay_ms=delay, netcheck=net)
 
+    if args.interleave:
+        interleaved(args, petals_py, model_dir, num_blocks, prompt_ids, inputs_path, workdir, env, load_before,
+                    time_generation, AutoDistributedModelForCausalLM, LocalSwarm, split_blocks)
+        return
     try:
         log("local transformers (this venv) ...")
         local = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -492,6 +510,61 @@ def main() -> None:
             "load_avg_before": load_before, "load_avg_after": load_after, "cores": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__, "rows": rows,
             "petals_failed_attempts": failures}, indent=1))
+
+
+def interleaved(args, petals_py, model_dir, num_blocks, prompt_ids, inputs_path, workdir, env, load_before,
+                time_generation, AutoDistributedModelForCausalLM, LocalSwarm, split_blocks) -> None:
+    """--interleave: both 2-server swarms up; each round measures Corolla and Petals (order alternating)."""
+    n_prompt = prompt_ids.shape[1]
+    corolla_rounds: list[dict] = []
+    with LocalSwarm(workdir / "corolla-interleaved") as swarm:
+        swarm.start_dht()
+        swarm.start_servers(model_dir, split_blocks(num_blocks, 2), ["--num-threads", str(args.server_threads)],
+                            timeout=args.start_timeout)
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+        try:
+            def measure_corolla(index: int) -> None:
+                ms, first, out = time_generation(model, prompt_ids, args.new_tokens, args.runs)
+                corolla_rounds.append({"ms_per_token": ms, "first_token_s": first, "tokens": out[n_prompt:],
+                                       "load_avg": load_note()})
+                log(f"  round {index}: Corolla {ms:.2f} ms/token")
+
+            def before_petals(index: int) -> None:
+                # Corolla first in even rounds, after the Petals client in odd ones: C0 P0 P1 C1 C2 P2 P3 C3 ...
+                if index % 2 == 0:
+                    if index > 0:
+                        measure_corolla(index - 1)
+                    measure_corolla(index)
+
+            log("Petals swarm, interleaved with Corolla ...")
+            petals = measure_petals_swarm(args, petals_py, model_dir, num_blocks, split_blocks(num_blocks, 2),
+                                          inputs_path, workdir, env, rounds=args.interleave, between=before_petals)
+            if args.interleave % 2 == 0:
+                measure_corolla(args.interleave - 1)  # the last round's Corolla turn, after its Petals client
+        finally:
+            model.close()
+    load_after = load_note()
+    petals_ms = [r["generation"]["median"]["ms_per_token_decode"] for r in petals["rounds"]]
+    ratios = [c["ms_per_token"] / p for c, p in zip(corolla_rounds, petals_ms)]
+    same = all(c["tokens"] == r["generation"]["tokens"] for c, r in zip(corolla_rounds, petals["rounds"]))
+    print(f"\nCorolla and Petals 2.2, 2 servers each, both swarms up, {args.interleave} rounds in alternating order "
+          f"(Corolla first in even rounds); each figure the median of {args.runs} runs of {args.new_tokens} tokens "
+          f"(the anchor's method). Load average before {load_before}, after {load_after} ({os.cpu_count()} cores).")
+    print(f"{'round':>5} {'Corolla ms/token':>17} {'Petals ms/token':>16} {'Corolla / Petals':>17}")
+    for index, (c, p, r) in enumerate(zip(corolla_rounds, petals_ms, ratios)):
+        print(f"{index:>5} {c['ms_per_token']:>17.2f} {p:>16.2f} {r:>16.2f}x")
+    print(f"median: Corolla {statistics.median(c['ms_per_token'] for c in corolla_rounds):.2f}, Petals "
+          f"{statistics.median(petals_ms):.2f} ms/token; ratio median {statistics.median(ratios):.2f}x, range "
+          f"{min(ratios):.2f}-{max(ratios):.2f}x, {sum(r <= 0.5 for r in ratios)}/{len(ratios)} rounds at most 0.5x; "
+          f"greedy tokens equal between the two in every round: {'yes' if same else 'NO'}; Petals sockets: "
+          f"{petals['netcheck']}")
+    if petals.get("left_over_pids"):
+        print(f"  Petals processes left over: {petals['left_over_pids']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "mode": "interleave", "rounds": args.interleave, "runs": args.runs, "new_tokens": args.new_tokens,
+            "load_avg_before": load_before, "load_avg_after": load_after, "corolla": corolla_rounds,
+            "petals_ms_per_token": petals_ms, "ratios": ratios, "tokens_equal": same}, indent=1))
 
 
 def report(args, rows: list[dict], load_before: str, load_after: str, n_prompt: int) -> None:
