@@ -213,10 +213,10 @@ def wire_tensors() -> None:
 
 def weight_layouts(rounds: int = 7) -> None:
     """One-token steps with weights read from memory, not cache (a 160 MB read between calls, as the rest of the
-    pipeline does between a process's steps): the 32000 x 512 float32 LM head row-major, column-major, and
-    column-major on two threads (the client's _two_thread_linear), and row-major through RowDotLinear; then 4 tiny-llama decoder layers (random
-    weights) with every linear weight row-major against the ways that models/layout.py measures and picks (a copy
-    of the same layers)."""
+    pipeline does between a process's steps): the 32000 x 512 float32 LM head row-major, column-major,
+    column-major on two threads (the client's _two_thread_linear), and row-major through RowDotLinear; then 4
+    tiny-llama decoder layers (random weights) with every linear weight row-major against the ways that
+    models/layout.py measures and picks (a copy of the same layers)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch.nn.functional as F

@@ -84,13 +84,14 @@ def test_inference_runs_before_forward(tiny_llama):
     assert order == ["inference", "forward"]
 
 
-def test_a_lone_sessions_decode_steps_run_on_the_loop_thread(tiny_llama):
-    """alone=True: decode steps run on the calling (event loop) thread while the compute thread is idle, with the
-    same results; a prefill, and a step that arrives while the compute thread is busy, still go through it."""
+def test_a_lone_sessions_decode_steps_run_on_the_loop_thread(tiny_llama, monkeypatch):
+    """alone=True: decode steps run on the calling (event loop) thread while the compute thread is idle and the
+    last decode step was fast, with the same results; a prefill, the first decode step (its time unknown), a step
+    that arrives while the compute thread is busy, and steps of a slow span still go through the thread."""
     import threading
 
     backend = make_backend(tiny_llama, 1, 4)
-    prompt, decode = session_inputs(backend.config, 3, 6, 3)
+    prompt, decode = session_inputs(backend.config, 3, 6, 4)
     threads = []
     run_sync = backend.run_sync
 
@@ -123,6 +124,13 @@ def test_a_lone_sessions_decode_steps_run_on_the_loop_thread(tiny_llama):
     expected = asyncio.run(session(alone=False))
     backend.run_sync = recording_run_sync
     got = asyncio.run(session(alone=True))
-    assert threads == ["corolla-compute", "MainThread", "MainThread", "corolla-compute", "corolla-compute"]
+    assert threads == ["corolla-compute"] * 2 + ["MainThread"] * 2 + ["corolla-compute"] * 2
     for want, have in zip(expected, got):
         assert torch.allclose(want, have, rtol=1e-6, atol=1e-6)
+
+    import corolla.server.scheduler as scheduler_module
+
+    threads.clear()
+    monkeypatch.setattr(scheduler_module, "_INLINE_MAX_S", 0.0)  # every span counts as slow
+    asyncio.run(session(alone=True))
+    assert threads == ["corolla-compute"] * 6

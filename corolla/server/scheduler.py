@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from corolla.models.spec import SpanInputs, plain_span_layers
 from corolla.server.backend import BlockBackend
 
 logger = logging.getLogger(__name__)
+
+_INLINE_MAX_S = 0.05  # a lone session's decode steps run on the loop's thread only while they take less than this
 
 
 @dataclass(eq=False)  # queued items are removed by identity; comparing their tensors would be an error
@@ -66,6 +69,7 @@ class Scheduler:
         self._forward: deque[Work] = deque()
         self._wake = threading.Condition()
         self._computing = False  # the compute thread is running a batch (guarded by _wake)
+        self._decode_seconds = float("inf")  # the last single decode step's compute time (none yet: unknown)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="corolla-compute", daemon=True)
         self._thread.start()
@@ -78,7 +82,9 @@ class Scheduler:
         `alone`: the caller's inference session is the only one open. On a CPU, its decode steps then run right
         here, on the event loop's thread, while the compute thread is idle: there is nothing to batch them with, and
         the two thread hand-offs cost ~0.1 + 0.2 ms a step on a busy 2-core machine (docs/benchmarks.md). Nothing
-        else can be submitted meanwhile (submissions come from this thread), so computations never overlap."""
+        else can be submitted meanwhile (submissions come from this thread), so computations never overlap. Only
+        while the last decode step took under _INLINE_MAX_S: the loop's other work (pings, new sessions, the DHT)
+        must not wait longer."""
         loop = asyncio.get_running_loop()
         work = Work(start_block, end_block, inputs, inference, loop.create_future(), loop, grad_output)
         with self._wake:
@@ -92,7 +98,7 @@ class Scheduler:
 
     def _runs_inline(self, work: Work) -> bool:
         return (self.backend.device.type == "cpu" and work.inference and work.grad_output is None
-                and work.inputs.hidden.shape[1] == 1
+                and work.inputs.hidden.shape[1] == 1 and self._decode_seconds < _INLINE_MAX_S
                 and not (self._inference or self._forward or self._computing))
 
     # ---- compute thread ---------------------------------------------------------------------------------------
@@ -146,7 +152,11 @@ class Scheduler:
             work = batch[0]
             if work.grad_output is not None:
                 return [self.backend.backward_sync(work.start_block, work.end_block, work.inputs, work.grad_output)]
-            return [self.backend.run_sync(work.start_block, work.end_block, work.inputs)]
+            began = time.perf_counter()
+            output = self.backend.run_sync(work.start_block, work.end_block, work.inputs)
+            if work.inference and work.inputs.hidden.shape[1] == 1:
+                self._decode_seconds = time.perf_counter() - began
+            return [output]
         self.stats.batched_requests += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         return self._compute_batched(batch)
