@@ -460,8 +460,7 @@ def main() -> None:
         add_row(name, "corolla", *measured, servers=servers, delay_ms=delay, netcheck=net)
 
     if args.interleave:
-        interleaved(args, petals_py, model_dir, num_blocks, prompt_ids, inputs_path, workdir, env, load_before,
-                    time_generation, AutoDistributedModelForCausalLM, LocalSwarm, split_blocks)
+        interleaved(args, petals_py, model_dir, num_blocks, prompt_ids, inputs_path, workdir, env, load_before)
         return
     try:
         log("local transformers (this venv) ...")
@@ -512,9 +511,13 @@ def main() -> None:
             "petals_failed_attempts": failures}, indent=1))
 
 
-def interleaved(args, petals_py, model_dir, num_blocks, prompt_ids, inputs_path, workdir, env, load_before,
-                time_generation, AutoDistributedModelForCausalLM, LocalSwarm, split_blocks) -> None:
+def interleaved(args, petals_py, model_dir, num_blocks, prompt_ids, inputs_path, workdir, env, load_before) -> None:
     """--interleave: both 2-server swarms up; each round measures Corolla and Petals (order alternating)."""
+    from swarm_latency import time_generation  # (main put benchmarks/ on the path)
+
+    from corolla import AutoDistributedModelForCausalLM
+    from corolla.launch import LocalSwarm, split_blocks
+
     n_prompt = prompt_ids.shape[1]
     corolla_rounds: list[dict] = []
     with LocalSwarm(workdir / "corolla-interleaved") as swarm:

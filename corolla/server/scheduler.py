@@ -39,12 +39,16 @@ class Work:
     grad_output: torch.Tensor | None = None  # set for a backward pass: the gradient of the loss w.r.t. the output
 
     @property
+    def decode(self) -> bool:
+        """An inference step of one new token per sequence."""
+        return self.inference and self.inputs.hidden.shape[1] == 1
+
+    @property
     def batchable(self) -> bool:
         """A decode step with a plain cache, no padding and no deep prompts can share a forward with others (those
         with the same LoRA weights: see _group)."""
         inputs = self.inputs
-        return (self.inference and inputs.cache is not None and inputs.hidden.shape[1] == 1
-                and inputs.attention_mask is None and inputs.prompts is None
+        return (self.decode and inputs.cache is not None and inputs.attention_mask is None and inputs.prompts is None
                 and plain_span_layers(inputs.cache, self.start_block, self.end_block))
 
 
@@ -97,9 +101,8 @@ class Scheduler:
         return await work.future
 
     def _runs_inline(self, work: Work) -> bool:
-        return (self.backend.device.type == "cpu" and work.inference and work.grad_output is None
-                and work.inputs.hidden.shape[1] == 1 and self._decode_seconds < _INLINE_MAX_S
-                and not (self._inference or self._forward or self._computing))
+        return (self.backend.device.type == "cpu" and work.decode and work.grad_output is None
+                and self._decode_seconds < _INLINE_MAX_S and not (self._inference or self._forward or self._computing))
 
     # ---- compute thread ---------------------------------------------------------------------------------------
 
@@ -154,7 +157,7 @@ class Scheduler:
                 return [self.backend.backward_sync(work.start_block, work.end_block, work.inputs, work.grad_output)]
             began = time.perf_counter()
             output = self.backend.run_sync(work.start_block, work.end_block, work.inputs)
-            if work.inference and work.inputs.hidden.shape[1] == 1:
+            if work.decode:
                 self._decode_seconds = time.perf_counter() - began
             return [output]
         self.stats.batched_requests += len(batch)
