@@ -211,6 +211,46 @@ def wire_tensors() -> None:
         print(f"wire {name:10} [1, 1, 512] float32: {best * 1e6:6.2f} us")
 
 
+def _tiny_llama_layers(count: int = 4):
+    """`count` tiny-llama decoder layers (random weights, seed 0, SDPA attention), their config and rotary."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8,
+                         num_hidden_layers=count)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layers = [LlamaDecoderLayer(config, i).eval().requires_grad_(False) for i in range(count)]
+    return config, layers, LlamaRotaryEmbedding(config)
+
+
+def _step_time(layers, config, rotary, evict: torch.Tensor, prompt: int, tokens: int, steps: int,
+               grow: bool) -> float:
+    """Median time of `steps` steps of `tokens` new tokens through `layers` after a `prompt`-token prefill, the
+    weights evicted from cache before each; `grow`: each step extends the cache, else it is cropped back."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    with torch.inference_mode():
+        hidden, positions = torch.randn(1, prompt, 512), torch.arange(prompt)[None]
+        for layer in layers:
+            hidden = layer(hidden, position_ids=positions, cache=cache, use_cache=True,
+                           position_embeddings=rotary(hidden, positions))
+        times = []
+        for step in range(steps):
+            evict.sum()
+            start = prompt + (step * tokens if grow else 0)
+            hidden, positions = torch.randn(1, tokens, 512), torch.arange(start, start + tokens)[None]
+            embeddings = rotary(hidden, positions)
+            began = time.perf_counter()
+            for layer in layers:
+                hidden = layer(hidden, position_ids=positions, cache=cache, use_cache=True,
+                               position_embeddings=embeddings)
+            times.append(time.perf_counter() - began)
+            if not grow:
+                cache.crop(-tokens)
+    return statistics.median(times)
+
+
 def weight_layouts(rounds: int = 7) -> None:
     """One-token steps with weights read from memory, not cache (a 160 MB read between calls, as the rest of the
     pipeline does between a process's steps): the 32000 x 512 float32 LM head row-major, column-major,
@@ -220,8 +260,6 @@ def weight_layouts(rounds: int = 7) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     import torch.nn.functional as F
-    from transformers import DynamicCache
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from corolla.client.model import _two_thread_linear
     from corolla.models.layout import RowDotLinear, choose_layouts, set_layout
@@ -258,34 +296,13 @@ def weight_layouts(rounds: int = 7) -> None:
     for name, values in results.items():
         print(f"LM head 32000 x 512, one token, {name:20}: {statistics.median(values) * 1e3:6.2f} ms")
 
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8,
-                         num_hidden_layers=4)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    layers = [LlamaDecoderLayer(config, i).eval().requires_grad_(False) for i in range(4)]
-    rotary = LlamaRotaryEmbedding(config)
+    config, layers, rotary = _tiny_llama_layers()
     measured, timings = choose_layouts(copy.deepcopy(layers), "auto")
     for timing in timings:
         print(f"  layout measured: {timing.describe()}")
 
     def decode_step_time(layers):
-        cache = DynamicCache(config=config)
-        with torch.inference_mode():
-            hidden, positions = torch.randn(1, 20, 512), torch.arange(20)[None]
-            for layer in layers:
-                hidden = layer(hidden, position_ids=positions, cache=cache, use_cache=True,
-                               position_embeddings=rotary(hidden, positions))
-            times = []
-            for step in range(40):
-                evict.sum()
-                hidden, positions = torch.randn(1, 1, 512), torch.tensor([[20 + step]])
-                embeddings = rotary(hidden, positions)
-                began = time.perf_counter()
-                for layer in layers:
-                    hidden = layer(hidden, position_ids=positions, cache=cache, use_cache=True,
-                                   position_embeddings=embeddings)
-                times.append(time.perf_counter() - began)
-        return statistics.median(times)
+        return _step_time(layers, config, rotary, evict, prompt=20, tokens=1, steps=40, grow=True)
 
     steps: dict[str, list[float]] = {"all row-major": [], "measured layouts": []}
     for _ in range(rounds):
@@ -293,6 +310,57 @@ def weight_layouts(rounds: int = 7) -> None:
         steps["measured layouts"].append(decode_step_time(measured))
     for name, values in steps.items():
         print(f"4 tiny-llama layers, decode step, {name:16}: {statistics.median(values) * 1e3:6.2f} ms")
+    torch.set_num_threads(threads)
+
+
+def verify_steps(rounds: int = 5) -> None:
+    """Steps of several tokens (speculative decoding verifying drafts) on CPU, one thread, weights read from
+    memory: 4 tiny-llama decoder layers (random weights) with every linear weight row-major through `F.linear`,
+    against the ways models/layout.py measures (`rowdot` taking up to its measured row count); and the client's
+    32000 x 512 LM head, as plain nn.Linear against the measured ways (two threads: halves, as the client decides).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from corolla.client.model import _splits, _two_thread_linear
+    from corolla.models.layout import choose_layouts
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    evict = torch.randn(40_000_000)
+    config, layers, rotary = _tiny_llama_layers()
+    measured, timings = choose_layouts(copy.deepcopy(layers), "auto")
+    print("  layout measured: " + "; ".join(t.describe() for t in timings))
+    torch.set_num_threads(2)  # the client's head: two threads, as decoding runs it
+    head = torch.nn.Linear(512, 32000, bias=False).requires_grad_(False)
+    (row_dot_head,), (head_timing,) = choose_layouts([copy.deepcopy(head)], "auto", split=True)
+    print(f"  LM head measured: {head_timing.describe()}")
+    torch.set_num_threads(1)
+
+    def step_time(layers, tokens: int) -> float:
+        return _step_time(layers, config, rotary, evict, prompt=100, tokens=tokens, steps=20, grow=False)
+
+    def head_time(linear, pool, tokens: int) -> float:
+        x, times = torch.randn(1, tokens, 512), []
+        with torch.no_grad():
+            for _ in range(20):
+                evict.sum()
+                began = time.perf_counter()
+                _two_thread_linear(linear, pool, x) if _splits(linear, x) else linear(x)  # as the client decides
+                times.append(time.perf_counter() - began)
+        return statistics.median(times)
+
+    for tokens in (1, 2, 4, 8, 11):
+        steps: dict[str, list[float]] = {"F.linear": [], "measured": [], "head F.linear": [], "head measured": []}
+        with ThreadPoolExecutor(1) as pool:
+            for _ in range(rounds):
+                steps["F.linear"].append(step_time(layers, tokens))
+                steps["measured"].append(step_time(measured, tokens))
+                torch.set_num_threads(2)
+                steps["head F.linear"].append(head_time(head, pool, tokens))
+                steps["head measured"].append(head_time(row_dot_head, pool, tokens))
+                torch.set_num_threads(1)
+        print(f"{tokens:2} tokens: 4 tiny-llama layers " + ", ".join(
+            f"{name} {statistics.median(values) * 1e3:6.2f} ms" for name, values in steps.items()))
     torch.set_num_threads(threads)
 
 
@@ -306,6 +374,7 @@ def main() -> None:
     thread_hops()
     wire_tensors()
     weight_layouts()
+    verify_steps()
     if args.swarm:
         swarm_cpu()
 

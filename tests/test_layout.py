@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from corolla.client.model import _lay_out_lm_head, _two_thread_linear
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import load_blocks, load_client_parts, load_config
-from corolla.models.layout import (RowDotLinear, choose_layouts, column_major, layout_of, linear_weights,
+from corolla.models.layout import (FEW_ROWS, RowDotLinear, choose_layouts, column_major, layout_of, linear_weights,
                                    set_layout)
 from corolla.models.spec import family_for
 from tiny_models import make_tiny_llama
@@ -150,6 +150,39 @@ def test_row_dot_linear_equals_linear_and_falls_back(bias):
                                                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_row_dot_linear_takes_several_rows_up_to_max_rows(bias):
+    linear = nn.Linear(96, 5000, bias=bias).requires_grad_(False)  # 1.9 MB: several blocks of weight rows
+    module = RowDotLinear.over(linear)
+    module.max_rows = 8
+    with torch.no_grad():
+        for rows in (2, 5, 8, 9):
+            x = torch.randn(1, rows, 96)
+            got = module(x)
+            assert torch.allclose(got, linear(x), rtol=1e-5, atol=1e-5), rows
+            # Up to max_rows, each row's outputs are those of that row alone (a verified draft token's logits equal
+            # a one-token step's); past it, F.linear.
+            if rows <= 8:
+                assert torch.equal(got, torch.cat([module(x[:, i:i + 1]) for i in range(rows)], dim=1)), rows
+            else:
+                assert torch.equal(got, F.linear(x, linear.weight, linear.bias))
+
+
+def test_auto_measures_the_rows_rowdot_takes(tiny_llama):
+    config = load_config(tiny_llama)
+    blocks = load_blocks(tiny_llama, config, 0, 2, "cpu", torch.float32)
+    _, timings = choose_layouts(blocks, "auto")
+    modules = [m for block in blocks for m in block.modules() if isinstance(m, nn.Linear)]
+    rows = {t.shape: t.rowdot_rows for t in timings}
+    assert all(count in (1, *FEW_ROWS) for count in rows.values())
+    assert all(t.rowdot_rows == 1 for t in timings if t.best != "rowdot")
+    for module in modules:
+        if type(module) is RowDotLinear:
+            assert module.max_rows == rows[tuple(module.weight.shape)]
+    (explicit,), _ = choose_layouts([nn.Linear(96, 64).requires_grad_(False)], "rowdot")
+    assert type(explicit) is RowDotLinear and explicit.max_rows == 1
+
+
 @pytest.mark.parametrize("layout", ["row", "column", "rowdot"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_two_thread_lm_head_equals_the_single_call(layout, bias):
@@ -159,6 +192,8 @@ def test_two_thread_lm_head_equals_the_single_call(layout, bias):
     (linear,), _ = choose_layouts([linear], layout)
     assert (type(linear) is RowDotLinear) == (layout == "rowdot")
     with ThreadPoolExecutor(1) as pool, torch.no_grad():
+        if layout == "rowdot":
+            linear.max_rows = 4  # rows past it: F.linear on each half
         for rows in (1, 2, 5):
             x = torch.randn(1, rows, 96)
             # The same products of the same rows; BLAS may block half a matrix differently (float rounding order).

@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corolla.client.config import ClientConfig
+from corolla.client.drafting import DEFAULT_MAX_NGRAM, NgramDrafter
 from corolla.client.extras import NO_EXTRAS, Extras
 from corolla.client.remote import InferenceSession, RemoteSequence
 from corolla.client.swarm import SwarmClient
@@ -267,6 +268,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         with self.inference_session(max_length=max_length, batch_size=ids.shape[0] * expand) as session:
             return super().generate(inputs, *args, cache=RemoteSessionCache(session), **kwargs)
 
+    def _get_candidate_generator(self, generation_config: GenerationConfig, *args, **kwargs):
+        """transformers' hook for speculative decoding's drafts: prompt lookup (`prompt_lookup_num_tokens`) gets
+        our NgramDrafter, which drafts more accepted tokens on repetitive text at less cost per step; an
+        assistant model and every other kind stay transformers' own."""
+        if (generation_config.prompt_lookup_num_tokens is None or kwargs.get("assistant_model") is not None
+                or generation_config.assistant_early_exit is not None):
+            return super()._get_candidate_generator(generation_config, *args, **kwargs)
+        return NgramDrafter(generation_config.prompt_lookup_num_tokens, generation_config.max_length,
+                            generation_config._eos_token_tensor,
+                            generation_config.max_matching_ngram_size or DEFAULT_MAX_NGRAM)
+
     def close(self) -> None:
         if self._head_pool is not None:
             self._head_pool.shutdown()
@@ -279,9 +291,11 @@ _SPLIT_MAX_ROWS = 8  # more rows: a matrix product, which torch's own threads al
 
 def _splits(lm_head: nn.Module, hidden: torch.Tensor) -> bool:
     """Whether the LM head runs on two threads: a large plain nn.Linear (or RowDotLinear) on CPU, torch allowed
-    more than one thread, a few rows (decoding), and no autograd graph to record (grad mode is per thread)."""
+    more than one thread, a few rows (decoding; a RowDotLinear: as many as its dot products take, measured on two
+    threads), and no autograd graph to record (grad mode is per thread)."""
+    max_rows = max(_SPLIT_MAX_ROWS, lm_head.max_rows if type(lm_head) is RowDotLinear else 1)
     return (_splittable(lm_head) and not torch.is_grad_enabled()
-            and hidden.numel() <= _SPLIT_MAX_ROWS * lm_head.weight.shape[1])
+            and hidden.numel() <= max_rows * lm_head.weight.shape[1])
 
 
 def _splittable(lm_head: nn.Module) -> bool:
@@ -301,7 +315,7 @@ def _two_thread_linear(linear: nn.Linear, pool: ThreadPoolExecutor, x: torch.Ten
     spinning)."""
     half = linear.out_features // 2
     bias = linear.bias
-    product = row_dot if type(linear) is RowDotLinear else F.linear
+    product = functools.partial(row_dot, max_rows=linear.max_rows) if type(linear) is RowDotLinear else F.linear
     second = pool.submit(_no_grad, product, x, linear.weight[half:], None if bias is None else bias[half:])
     first = product(x, linear.weight[:half], None if bias is None else bias[:half])
     return torch.cat([first, second.result()], dim=-1)
