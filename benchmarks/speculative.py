@@ -5,12 +5,15 @@ distributed model) and, side by side, transformers' own PromptLookupCandidateGen
 generation verifies them over our rollback-capable session. SmolLM2-135M-Instruct over 2 servers, CPU, loopback.
 
     .venv/bin/python benchmarks/speculative.py [--delays 0 10 50] [--new-tokens 128] [--draft 6 10]
+    .venv/bin/python benchmarks/speculative.py --delays 50 --draft 6 --drafters corolla --prompts list if/elif \\
+        --rounds 4      # repeated, alternating plain and speculative runs
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -63,10 +66,17 @@ def main() -> None:
     parser.add_argument("--delays", type=float, nargs="+", default=[0.0, 10.0, 50.0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--draft", type=int, nargs="+", default=[6, 10], help="draft lengths to try")
+    parser.add_argument("--drafters", nargs="+", default=["corolla", "transformers"],
+                        choices=["corolla", "transformers"])
+    parser.add_argument("--prompts", nargs="+", default=[label for label, _, _ in PROMPTS],
+                        choices=[label for label, _, _ in PROMPTS])
+    parser.add_argument("--rounds", type=int, default=1, help="repeat plain and speculative runs, alternating their "
+                        "order (ratios per round: bursts of other load hit both alike)")
     args = parser.parse_args()
     model_dir = ensure_embedded_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     workdir = Path(tempfile.mkdtemp(prefix="corolla-spec-"))
+    variants = [(drafter, draft) for draft in args.draft for drafter in args.drafters]
     rows = []
     for delay in args.delays:
         with LocalSwarm(workdir / f"swarm-{delay:g}") as swarm:
@@ -75,22 +85,36 @@ def main() -> None:
             model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
             try:
                 for label, text, chat in PROMPTS:
+                    if label not in args.prompts:
+                        continue
                     ids = encode(tokenizer, text, chat)
                     run(model, ids, 4, None)  # warm-up
-                    plain = run(model, ids, args.new_tokens, None)
-                    for draft in args.draft:
-                        for drafter in ("corolla", "transformers"):
-                            tokens, seconds, steps = run(model, ids, args.new_tokens, draft, drafter == "transformers")
-                            rows.append((delay, label, drafter, draft, plain[1], plain[2], seconds, steps,
-                                         tokens == plain[0]))
+                    runs: dict = {variant: [] for variant in [None, *variants]}
+                    for round_index in range(args.rounds):
+                        order = [None, *variants]
+                        for variant in order if round_index % 2 == 0 else order[::-1]:
+                            draft = None if variant is None else variant[1]
+                            transformers_drafts = variant is not None and variant[0] == "transformers"
+                            runs[variant].append(run(model, ids, args.new_tokens, draft, transformers_drafts))
+                    plain = runs[None]
+                    for drafter, draft in variants:
+                        spec = runs[(drafter, draft)]
+                        ratios = [p[1] / s[1] for p, s in zip(plain, spec)]
+                        rows.append((delay, label, drafter, draft, statistics.median(p[1] for p in plain),
+                                     plain[0][2], statistics.median(s[1] for s in spec), spec[0][2],
+                                     statistics.median(ratios), min(ratios), max(ratios),
+                                     all(s[0] == plain[0][0] for s in spec + plain)))
             finally:
                 model.close()
-    print(f"\nSmolLM2-135M-Instruct, 2 servers, CPU loopback, greedy {args.new_tokens} new tokens")
+    print(f"\nSmolLM2-135M-Instruct, 2 servers, CPU loopback, greedy {args.new_tokens} new tokens, "
+          f"{args.rounds} round(s): median seconds, median of the rounds' speed-ups (range)")
     print(f"{'latency':>8} {'prompt':>16} {'drafts':>13} {'draft':>6} {'plain s':>8} {'plain steps':>12} "
-          f"{'spec s':>7} {'spec steps':>11} {'tokens/step':>12} {'speed-up':>9} {'same':>5}")
-    for delay, name, drafter, draft, plain_s, plain_steps, spec_s, spec_steps, same in rows:
+          f"{'spec s':>7} {'spec steps':>11} {'tokens/step':>12} {'speed-up':>9} {'range':>12} {'same':>5}")
+    for delay, name, drafter, draft, plain_s, plain_steps, spec_s, spec_steps, ratio, low, high, same in rows:
         print(f"{delay:>6g}ms {name:>16} {drafter:>13} {draft:>6} {plain_s:>8.2f} {plain_steps:>12} {spec_s:>7.2f} "
-              f"{spec_steps:>11} {args.new_tokens / spec_steps:>12.2f} {plain_s / spec_s:>8.2f}x {str(same):>5}")
+              f"{spec_steps:>11} {args.new_tokens / spec_steps:>12.2f} {ratio:>8.2f}x {low:>5.2f}-{high:.2f}x "
+              f"{str(same):>5}")
+
 
 if __name__ == "__main__":
     main()
