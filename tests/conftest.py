@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from tiny_models import make_tiny_llama  # noqa: E402
 
 LONG = os.environ.get("COROLLA_LONG") == "1"
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
+
+# Tests press Ctrl-C (SIGINT) on the demo and servers they start. A shell without job control starts background
+# jobs (`make test &` in a script) with SIGINT ignored, and an ignored signal stays ignored in every process
+# started from then on, so those Ctrl-Cs would do nothing. A handled signal is reset to the default at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
