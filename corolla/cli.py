@@ -116,9 +116,14 @@ def cmd_servers(args) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with LocalSwarm(workdir) as swarm:
-        processes = [swarm.start_server(args.model, None, f"server{i}-{device.replace(':', '')}",
-                                        ["--device", device, *server_args], wait=False)
-                     for i, device in enumerate(devices)]
+        processes = []
+        for i, device in enumerate(devices):
+            process = swarm.start_server(args.model, None, f"server{i}-{device.replace(':', '')}",
+                                         ["--device", device, *server_args], wait=False)
+            processes.append(process)
+            # The next server chooses its span from what the DHT says: start it once this one has chosen and
+            # announces itself joining, so that two never take the same span. They still load in parallel.
+            swarm.wait_for_line(process, "loading blocks", timeout=args.timeout)
         for process in processes:
             line = swarm.wait_for_line(process, "ready:", timeout=args.timeout)
             print(f"{process.name}: {line}", flush=True)
