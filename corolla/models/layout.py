@@ -176,10 +176,11 @@ def measure_layouts(weights: list[torch.Tensor], rounds: int = 9, budget_s: floa
     `rounds` within `budget_s`. Each way keeps its fastest pass: load from other processes only ever adds time.
     `rowdot` is measured for float32 weights only.
 
-    A column-major copy of every weight is held during the measurement. `embedding_index`: the weight that is also an
-    embedding table (a tied LM head); each pass then includes a one-token lookup in it, which is slower
-    column-major. `split`: time each product as two halves on two threads, the way the client runs its LM head
-    (halves of a row-major weight are contiguous, halves of a column-major one are not)."""
+    A column-major copy of every weight is held during the measurement when `column` is among `ways`.
+    `embedding_index`: the weight that is also an embedding table (a tied LM head); each pass then includes a
+    one-token lookup in it, which is slower column-major. `split`: time each product as two halves on two
+    threads, the way the client runs its LM head (halves of a row-major weight are contiguous, halves of a
+    column-major one are not)."""
     copies = {"row": [w.detach().contiguous() for w in weights]}
     if "column" in ways:
         copies["column"] = [column_major(w.detach()) for w in weights]
@@ -242,8 +243,8 @@ def choose_layouts(roots: list[nn.Module], layout: str, sample_bytes: int = 128 
         if not sample:  # e.g. quantized layers: no float weights to lay out
             return roots, []
         tied = next((i for i, weight in enumerate(sample) if weight is embedding), None)
-        timings = measure_layouts([weight.data for weight in sample], embedding_index=tied, split=split)
-        timings = _measure_rowdot_rows(timings, [weight.data for weight in sample], split)
+        data = [weight.data for weight in sample]
+        timings = _measure_rowdot_rows(measure_layouts(data, embedding_index=tied, split=split), data, split)
         by_key = {(t.shape, t.dtype): t for t in timings}
         # Only a plain nn.Linear can become a RowDotLinear; others (e.g. Falcon's subclass) keep their forward.
         plain = {id(m.weight) for root in roots for m in root.modules() if type(m) in (nn.Linear, RowDotLinear)}
