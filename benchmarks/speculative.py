@@ -2,11 +2,13 @@
 0, 10 and 50 ms of emulated one-way latency on every link (see push_latency.py), on repetitive text (code, a
 list). Drafts come from prompt lookup, Corolla's NgramDrafter (`generate(..., prompt_lookup_num_tokens=k)` on a
 distributed model) and, side by side, transformers' own PromptLookupCandidateGenerator; transformers' assisted
-generation verifies them over our rollback-capable session. SmolLM2-135M-Instruct over 2 servers, CPU, loopback.
+generation verifies them over our rollback-capable session. SmolLM2-135M-Instruct over 2 servers on loopback, on
+CPU (default) or with `--device cuda` on one GPU (servers and the client's embeddings and LM head).
 
     .venv/bin/python benchmarks/speculative.py [--delays 0 10 50] [--new-tokens 128] [--draft 6 10]
     .venv/bin/python benchmarks/speculative.py --delays 50 --draft 6 --drafters corolla --prompts list if/elif \\
         --rounds 4      # repeated, alternating plain and speculative runs
+    python3 benchmarks/speculative.py --device cuda --drafters corolla    # on a GPU machine
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, GenerationMixin
 
 from corolla import AutoDistributedModelForCausalLM
@@ -43,6 +46,9 @@ def encode(tokenizer, text: str, chat: bool):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"]
     return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def run(model, ids, new_tokens: int, draft: int | None, transformers_drafts: bool = False):
@@ -72,7 +78,14 @@ def main() -> None:
                         choices=[label for label, _, _ in PROMPTS])
     parser.add_argument("--rounds", type=int, default=1, help="repeat plain and speculative runs, alternating their "
                         "order (ratios per round: bursts of other load hit both alike)")
+    parser.add_argument("--device", default="cpu", help="servers' and client's device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="servers' and client's dtype (float32 keeps the CPU runs' text)")
     args = parser.parse_args()
+    on_cpu = torch.device(args.device).type == "cpu"
+    server_args = ["--num-threads", "1"] if on_cpu else ["--device", args.device]
+    server_args += ["--dtype", args.dtype]
+    where = "CPU" if on_cpu else torch.cuda.get_device_name(torch.device(args.device))
     model_dir = ensure_embedded_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     workdir = Path(tempfile.mkdtemp(prefix="corolla-spec-"))
@@ -81,13 +94,14 @@ def main() -> None:
     for delay in args.delays:
         with LocalSwarm(workdir / f"swarm-{delay:g}") as swarm:
             swarm.start_dht()
-            swarm.start_servers(model_dir, [(0, 15), (15, 30)], ["--num-threads", "1", "--debug-delay-ms", str(delay)])
-            model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+            swarm.start_servers(model_dir, [(0, 15), (15, 30)], [*server_args, "--debug-delay-ms", str(delay)])
+            model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers,
+                                                                   dtype=DTYPES[args.dtype]).to(args.device)
             try:
                 for label, text, chat in PROMPTS:
                     if label not in args.prompts:
                         continue
-                    ids = encode(tokenizer, text, chat)
+                    ids = encode(tokenizer, text, chat).to(args.device)
                     run(model, ids, 4, None)  # warm-up
                     runs: dict = {variant: [] for variant in [None, *variants]}
                     for round_index in range(args.rounds):
@@ -106,7 +120,7 @@ def main() -> None:
                                      all(s[0] == plain[0][0] for s in spec + plain)))
             finally:
                 model.close()
-    print(f"\nSmolLM2-135M-Instruct, 2 servers, CPU loopback, greedy {args.new_tokens} new tokens, "
+    print(f"\nSmolLM2-135M-Instruct, 2 servers, {where} ({args.dtype}), loopback, greedy {args.new_tokens} new tokens, "
           f"{args.rounds} round(s): median seconds, median of the rounds' speed-ups (range)")
     print(f"{'latency':>8} {'prompt':>16} {'drafts':>13} {'draft':>6} {'plain s':>8} {'plain steps':>12} "
           f"{'spec s':>7} {'spec steps':>11} {'tokens/step':>12} {'speed-up':>9} {'range':>12} {'same':>5}")

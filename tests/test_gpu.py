@@ -4,6 +4,8 @@ Run on a GPU machine: `python -m pytest tests/test_gpu.py`."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -38,11 +40,14 @@ def test_lora_training_and_generation_through_gpu_servers(local_swarm, tiny_llam
 
 
 def test_decode_graphs_equal_ordinary_steps_on_gpu(tiny_llama):
-    from test_graphs import compare
+    from test_graphs import SCRIPT_GRAPHS, compare, second_session
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    graphs, _ = compare(tiny_llama, "cuda:0", capture=True, tolerance=1e-4)
-    assert graphs.captures == 2  # the first capacity, then the session grew past it
+    graphed, cache, first_run = compare(tiny_llama, "cuda:0", capture=True, tolerance=1e-4)
+    assert graphed.graphs.captures == SCRIPT_GRAPHS  # each step length, at the first capacity and then past it
+    del cache
+    second_session(graphed, first_run, tolerance=1e-4)  # replays the first session's graphs over its cache
+    assert graphed.graphs.captures == SCRIPT_GRAPHS + 1  # only the 3-token step had no graph at 512 tokens
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +72,21 @@ def gpus() -> list[str]:
 def test_graph_replays_equal_the_same_steps_run_eagerly(llama_8b_layers, device):
     """Bitwise: a replayed graph computes exactly what its captured code computes when run directly, on every GPU
     (the first version replayed on cuda:1 without waiting for its inputs)."""
-    from test_graphs import backends, run_script, session_script
+    from test_graphs import SCRIPT_GRAPHS, backends, run_script, session_script
 
     _, eager = backends(llama_8b_layers, 1, 4, device, capture=False, dtype=torch.bfloat16)
     _, graphed = backends(llama_8b_layers, 1, 4, device, capture=True, dtype=torch.bfloat16)
     script = session_script(eager.config.hidden_size)
     for step, (want, got) in enumerate(zip(run_script(eager, script, 1, 4)[0], run_script(graphed, script, 1, 4)[0])):
         assert torch.equal(got, want), step
-    assert graphed.graphs.captures == 2
+    assert graphed.graphs.captures == SCRIPT_GRAPHS
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "llama_8b_layers"])
 def test_decode_graphs_in_bfloat16_are_as_accurate_as_ordinary_steps(model, request):
     """In bfloat16 the graphs' attention (a masked kernel over the static cache) rounds differently from the
     ordinary steps' (no mask), so both are compared with a float32 run: the graphs must be as close to it."""
-    from test_graphs import backends, run_script, session_script
+    from test_graphs import SCRIPT_GRAPHS, backends, run_script, session_script
 
     path = request.getfixturevalue(model)
     reference, _ = backends(path, 1, 4, "cuda:0", dtype=torch.float32)
@@ -90,7 +95,7 @@ def test_decode_graphs_in_bfloat16_are_as_accurate_as_ordinary_steps(model, requ
     want = run_script(reference, script, 1, 4)[0]
     plain = run_script(ordinary, script, 1, 4)[0]
     got = run_script(graphed, script, 1, 4)[0]
-    assert graphed.graphs.captures == 2
+    assert graphed.graphs.captures == SCRIPT_GRAPHS
     for step, (w, p, g) in enumerate(zip(want, plain, got)):
         scale = w.abs().max().item()
         plain_error, graph_error = (p - w).abs().max().item(), (g - w).abs().max().item()
@@ -110,7 +115,15 @@ def test_generation_through_gpu_servers_replaying_graphs_equals_transformers(loc
         ids = torch.randint(3, 320, (1, 12), generator=torch.Generator().manual_seed(5))
         tokens = model.generate(ids, max_new_tokens=24, do_sample=False)
         assert tokens.tolist() == reference.generate(ids, max_new_tokens=24, do_sample=False).tolist()
+        # Speculative decoding: the servers verify drafts of several tokens from graphs too, rolling back between.
+        repeating = torch.tensor([[5, 6, 7, 8, 9] * 3])
+        with model.inference_session(max_length=15 + 24 + 5) as session:
+            drafted = model.generate(repeating, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
+            steps = session._step_ids
+        assert drafted.tolist() == reference.generate(repeating, max_new_tokens=24, do_sample=False).tolist()
+        assert steps < 24  # drafts were accepted
     finally:
         model.close()
     for server in servers:
-        assert "decode graph captured" in server.log()
+        counts = {int(n) for n in re.findall(r"decode graph captured: .* (\d+) new token", server.log())}
+        assert 1 in counts and max(counts) > 1, counts  # graphs of decode steps and of verifying steps
