@@ -75,8 +75,9 @@ class ApiProcess:
 
 @pytest.fixture(scope="module")
 def api_url(api_swarm, smollm2):
-    process = ApiProcess(["api", str(smollm2), "--initial-peers", *api_swarm.initial_peers, "--port", "0"],
-                         api_swarm.workdir / "api.log")
+    # Speculative decoding on: every greedy request of one choice below goes through drafted steps.
+    process = ApiProcess(["api", str(smollm2), "--initial-peers", *api_swarm.initial_peers, "--port", "0",
+                          "--draft-tokens", "6"], api_swarm.workdir / "api.log")
     try:
         yield process.wait_for_url(timeout=120)
     finally:
@@ -180,6 +181,28 @@ def test_completion_max_tokens_and_stop(client, model_name, tokenizer, reference
     stopped = client.completions.create(model=model_name, prompt=prompt, temperature=0, max_tokens=12, stop=[stop])
     assert stopped.choices[0].text == want_text[:want_text.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_drafted_greedy_jobs_equal_transformers_in_fewer_round_trips(api_swarm, smollm2, tokenizer, reference):
+    from corolla import AutoDistributedModelForCausalLM
+    from corolla.api.engine import Engine, GenerationJob, TextDelta
+    from corolla.api.sampling import SamplingParams
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(smollm2, initial_peers=api_swarm.initial_peers)
+    engine = Engine(model, tokenizer, draft_tokens=6)
+    try:
+        prompt_ids = tokenizer("Monday: 9:00 standup, 10:00 review\nTuesday: 9:00 standup, 10:00 review\n"
+                               "Wednesday:")["input_ids"]
+        want_ids, want_text = reference(prompt_ids, 40)
+        job = GenerationJob(prompt_ids=tuple(prompt_ids), max_new_tokens=40, n=1,
+                            sampling=SamplingParams(temperature=0))
+        events = list(engine.stream_sync([job]))
+        assert "".join(event.text for event in events if isinstance(event, TextDelta)) == want_text
+        assert events[-1].completion_tokens == len(want_ids)
+        assert 0 < engine.drafted_steps and engine.steps < len(want_ids)  # several tokens per round trip
+    finally:
+        engine.close()
+        model.close()
 
 
 def test_seed_makes_n_samples_repeatable(client, model_name):

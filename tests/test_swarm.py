@@ -86,6 +86,29 @@ def test_session_rolls_back_to_an_earlier_position(client, reference):
     assert (got - want).abs().max() < 1e-4
 
 
+def test_speculative_decoding_with_a_local_draft_model(client, reference, tiny_llama, models_dir):
+    """transformers' assisted generation with a small local model drafting (same tokenizer) verifies the drafts
+    through the swarm and rolls the servers back: greedy output stays the plain one whatever the drafts."""
+    from tiny_models import make_tiny_llama
+
+    twin = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()  # drafts that are all right
+    other = AutoModelForCausalLM.from_pretrained(make_tiny_llama(models_dir / "tiny-draft", num_layers=2,
+                                                                 seed=1)).eval()  # drafts mostly wrong
+    ids = torch.randint(3, 320, (1, 12), generator=torch.Generator().manual_seed(5))
+    want = reference.generate(ids, max_new_tokens=20, do_sample=False)
+    steps = {}
+    for name, draft in (("twin", twin), ("other", other)):
+        # 4 tokens a draft, even where the random weights' drafts are unsure (read from the draft model's config)
+        draft.generation_config.update(num_assistant_tokens=4, num_assistant_tokens_schedule="constant",
+                                       assistant_confidence_threshold=0.0)
+        with client.inference_session(max_length=12 + 20 + 5) as session:
+            got = client.generate(ids, max_new_tokens=20, do_sample=False, assistant_model=draft)
+            steps[name] = session._step_ids
+        assert got.tolist() == want.tolist(), name
+    assert steps["twin"] == 4  # each step: 4 drafted tokens accepted + its own (the first one with the prompt)
+    assert steps["other"] > steps["twin"]
+
+
 def test_two_clients_generate_concurrently(tiny_swarm, tiny_llama, client, reference):
     prompts = [torch.randint(3, 320, (1, 6)), torch.randint(3, 320, (1, 10))]
     alone = [client.generate(p, max_new_tokens=24, do_sample=False).tolist() for p in prompts]

@@ -20,6 +20,9 @@ class ApiConfig:
     max_n: int = field(default=8, metadata={"help": "most choices (n) per request"})
     max_context: int | None = field(default=None, metadata={"help": "most prompt + completion tokens (default: "
                                                                     "the model's max_position_embeddings)"})
+    draft_tokens: int = field(default=0, metadata={"help": "speculative decoding for greedy requests "
+                                                           "(temperature 0, n 1): up to this many tokens drafted by "
+                                                           "prompt lookup, verified in one round trip (0 = off)"})
     token_timeout: float = field(default=120.0, metadata={"help": "seconds to wait for the next token before "
                                                                   "failing a request"})
     state_ttl: float = field(default=1.0, metadata={"help": "seconds a swarm map is reused between requests"})

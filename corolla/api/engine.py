@@ -5,6 +5,10 @@ requests are served concurrently: their steps interleave on the swarm. A job is 
 one batch of n rows in one inference session. Workers report through `emit` callbacks; two thin consumers turn
 those into an async iterator (the HTTP API) or a blocking one (the terminal chat). Every wait is bounded by
 `token_timeout`, and closing a consumer early cancels its jobs at the next token.
+
+With `draft_tokens`, a greedy job of one choice decodes speculatively: each round trip feeds the chosen token with
+a prompt-lookup draft (client/drafting.py) and keeps the draft tokens that greedy decoding picks itself, then the
+session rolls back over the rest; the text is the same as without drafts.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from corolla.api.detokenize import ChoiceText, FinishReason
 from corolla.api.errors import GenerationTimeout
 from corolla.api.sampling import SamplingParams, next_tokens
+from corolla.client.drafting import NgramDrafter
 from corolla.client.model import DistributedModelForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -67,8 +72,13 @@ class Engine:
     """A model served by the swarm + its tokenizer, running generation jobs in worker threads."""
 
     def __init__(self, model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBase,
-                 max_concurrent: int = 8, token_timeout: float = 120.0):
+                 max_concurrent: int = 8, token_timeout: float = 120.0, draft_tokens: int = 0):
+        if draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be 0 (off) or more, got {draft_tokens}")
         self.model, self.tokenizer, self.token_timeout = model, tokenizer, token_timeout
+        self.draft_tokens = draft_tokens
+        self.steps = 0  # round trips through the swarm, of all jobs (prefills included)
+        self.drafted_steps = 0  # those that fed a draft
         self.eos_ids = _eos_ids(model, tokenizer)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="corolla-generate")
 
@@ -148,12 +158,15 @@ class Engine:
             emit(_JobDone())
 
     def _run(self, job: GenerationJob, offset: int, emit, cancelled: threading.Event) -> None:
+        if self.draft_tokens and job.n == 1 and job.sampling.temperature == 0:
+            return self._run_drafted(job, offset, emit, cancelled)
         choices = [ChoiceText(self.tokenizer, job.stops, self.eos_ids) for _ in range(job.n)]
         generator = job.sampling.generator()
         max_length = len(job.prompt_ids) + job.max_new_tokens
         with torch.no_grad(), self.model.inference_session(max_length=max_length, batch_size=job.n):
             ids = torch.tensor([list(job.prompt_ids)] * job.n, dtype=torch.long)
             logits = self.model(ids, logits_to_keep=1).logits[:, -1, :]
+            self.steps += 1
             for step in range(job.max_new_tokens):
                 if cancelled.is_set():
                     logger.info("generation cancelled after %d of at most %d tokens (the client went away or "
@@ -174,6 +187,48 @@ class Engine:
                 if all(choice.finish_reason is not None for choice in choices):
                     return
                 logits = self.model(tokens.unsqueeze(1)).logits[:, -1, :]
+                self.steps += 1
+
+    def _run_drafted(self, job: GenerationJob, offset: int, emit, cancelled: threading.Event) -> None:
+        """A greedy job of one choice, speculatively: each step feeds the chosen token and a draft of what may
+        follow it, and keeps the draft's tokens up to the first one that greedy decoding would not choose."""
+        choice = ChoiceText(self.tokenizer, job.stops, self.eos_ids)
+        max_length = len(job.prompt_ids) + job.max_new_tokens
+        drafter = NgramDrafter(self.draft_tokens, max_length, torch.tensor(sorted(self.eos_ids)))
+        text = list(job.prompt_ids)
+        with torch.no_grad(), self.model.inference_session(max_length=max_length) as session:
+            logits = self.model(torch.tensor([text]), logits_to_keep=1).logits[0, -1]
+            self.steps += 1
+            chosen = [int(logits.argmax())]
+            while True:
+                for token in chosen:  # every chosen token is the greedy one after the tokens before it
+                    delta = choice.push(token)
+                    if choice.finish_reason is None and choice.num_tokens == job.max_new_tokens:
+                        delta += choice.finish("length")
+                    if delta:
+                        emit(TextDelta(offset, delta))
+                    if choice.finish_reason is not None:
+                        emit(ChoiceEnd(offset, choice.finish_reason, choice.num_tokens))
+                        return
+                if cancelled.is_set():
+                    logger.info("generation cancelled after %d of at most %d tokens (the client went away or "
+                                "stopped it); its inference session is closed", choice.num_tokens,
+                                job.max_new_tokens)
+                    return
+                text += chosen
+                # The last chosen token is not in the servers' caches yet: it goes first, the draft after it.
+                room = job.max_new_tokens - choice.num_tokens - 1
+                draft = drafter.draft(text, min(self.draft_tokens, room)) if room > 0 else []
+                fed = [text[-1], *draft]
+                logits = self.model(torch.tensor([fed])).logits[0]
+                picks = logits.argmax(dim=-1).tolist()  # picks[i]: the greedy token after fed[:i + 1]
+                accepted = 0
+                while accepted < len(draft) and picks[accepted] == draft[accepted]:
+                    accepted += 1
+                session.position -= len(draft) - accepted  # rejected draft tokens: the next step overwrites them
+                self.steps += 1
+                self.drafted_steps += bool(draft)
+                chosen = draft[:accepted] + [picks[accepted]]
 
 
 def _eos_ids(model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -71,7 +71,8 @@ class ServedModel:
                config: ApiConfig) -> "ServedModel":
         context = config.max_context or getattr(model.config, "max_position_embeddings", None) or 2048
         limits = Limits(context_length=context, default_max_tokens=config.default_max_tokens, max_n=config.max_n)
-        engine = Engine(model, tokenizer, max_concurrent=config.max_concurrent, token_timeout=config.token_timeout)
+        engine = Engine(model, tokenizer, max_concurrent=config.max_concurrent, token_timeout=config.token_timeout,
+                        draft_tokens=config.draft_tokens)
         monitor = SwarmMonitor(model.swarm, name, config.state_ttl, config.rtt_timeout)
         return cls(name=name, engine=engine, limits=limits, monitor=monitor, created=int(time.time()))
 
