@@ -169,21 +169,12 @@ class Engine:
             self.steps += 1
             for step in range(job.max_new_tokens):
                 if cancelled.is_set():
-                    logger.info("generation cancelled after %d of at most %d tokens (the client went away or "
-                                "stopped it); its inference session is closed", step, job.max_new_tokens)
+                    _log_cancelled(step, job.max_new_tokens)
                     return
                 tokens = next_tokens(logits, job.sampling, generator)
-                last = step == job.max_new_tokens - 1
                 for row, (choice, token) in enumerate(zip(choices, tokens.tolist())):
-                    if choice.finish_reason is not None:
-                        continue
-                    text = choice.push(token)
-                    if choice.finish_reason is None and last:
-                        text += choice.finish("length")
-                    if text:
-                        emit(TextDelta(offset + row, text))
-                    if choice.finish_reason is not None:
-                        emit(ChoiceEnd(offset + row, choice.finish_reason, choice.num_tokens))
+                    if choice.finish_reason is None:
+                        _push(choice, token, offset + row, job.max_new_tokens, emit)
                 if all(choice.finish_reason is not None for choice in choices):
                     return
                 logits = self.model(tokens.unsqueeze(1)).logits[:, -1, :]
@@ -202,18 +193,10 @@ class Engine:
             chosen = [int(logits.argmax())]
             while True:
                 for token in chosen:  # every chosen token is the greedy one after the tokens before it
-                    delta = choice.push(token)
-                    if choice.finish_reason is None and choice.num_tokens == job.max_new_tokens:
-                        delta += choice.finish("length")
-                    if delta:
-                        emit(TextDelta(offset, delta))
-                    if choice.finish_reason is not None:
-                        emit(ChoiceEnd(offset, choice.finish_reason, choice.num_tokens))
+                    if _push(choice, token, offset, job.max_new_tokens, emit):
                         return
                 if cancelled.is_set():
-                    logger.info("generation cancelled after %d of at most %d tokens (the client went away or "
-                                "stopped it); its inference session is closed", choice.num_tokens,
-                                job.max_new_tokens)
+                    _log_cancelled(choice.num_tokens, job.max_new_tokens)
                     return
                 text += chosen
                 # The last chosen token is not in the servers' caches yet: it goes first, the draft after it.
@@ -229,6 +212,25 @@ class Engine:
                 self.steps += 1
                 self.drafted_steps += bool(draft)
                 chosen = draft[:accepted] + [picks[accepted]]
+
+
+def _push(choice: ChoiceText, token: int, index: int, max_new_tokens: int, emit) -> bool:
+    """Add a chosen token to an unfinished choice and emit the text it completes (and the choice's end, when it
+    ends here: on EOS, on a stop sequence, or at `max_new_tokens`); True when the choice has ended."""
+    text = choice.push(token)
+    if choice.finish_reason is None and choice.num_tokens == max_new_tokens:
+        text += choice.finish("length")
+    if text:
+        emit(TextDelta(index, text))
+    if choice.finish_reason is None:
+        return False
+    emit(ChoiceEnd(index, choice.finish_reason, choice.num_tokens))
+    return True
+
+
+def _log_cancelled(tokens: int, max_new_tokens: int) -> None:
+    logger.info("generation cancelled after %d of at most %d tokens (the client went away or stopped it); its "
+                "inference session is closed", tokens, max_new_tokens)
 
 
 def _eos_ids(model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
