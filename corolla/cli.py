@@ -14,6 +14,10 @@ import typing
 
 from corolla.errors import CorollaError
 
+# The `api` extra's modules. Only the commands that serve or chat import them, when they run: `corolla dht` and
+# `corolla server` must work where they are not installed (tests/test_cli_imports.py).
+API_MODULES = ("fastapi", "uvicorn", "starlette")
+
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One option per field of a config dataclass: its type, default and help come from the field."""
@@ -213,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except CorollaError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in API_MODULES:
+            raise
+        print(f"error: `corolla {args.command}` needs the API's dependencies ({e.name} is not installed): "
+              f"pip install 'corolla[api]'", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

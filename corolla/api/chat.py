@@ -9,24 +9,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TextIO
 
+from corolla.api.config import ChatOptions  # defined there so that the CLI's parser needs no FastAPI
 from corolla.api.engine import ChoiceEnd, TextDelta
 from corolla.api.errors import ApiError
 from corolla.api.jobs import chat_job
 from corolla.api.schemas import ChatCompletionRequest, ChatMessage
 from corolla.api.served import ServedModel
 from corolla.errors import CorollaError
-
-
-@dataclass(frozen=True)
-class ChatOptions:
-    system: str | None = field(default=None, metadata={"help": "system prompt (default: the chat template's)"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature; 0 = greedy"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
-    max_tokens: int = field(default=256, metadata={"help": "most tokens per answer"})
-    seed: int | None = field(default=None, metadata={"help": "sampling seed, for repeatable answers"})
 
 
 def run_chat(served: ServedModel, options: ChatOptions, read: Callable[[str], str] = input,

@@ -78,8 +78,8 @@ def cmd_api(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from corolla.api.chat import ChatOptions, run_chat
-    from corolla.api.config import ApiConfig
+    from corolla.api.chat import run_chat
+    from corolla.api.config import ApiConfig, ChatOptions
     from corolla.api.served import ServedModel, load_model
 
     config = ApiConfig(model=args.model, model_name=args.model_name, dtype=args.dtype)
@@ -125,8 +125,8 @@ def cmd_health(args: argparse.Namespace) -> None:
 
 
 def add_commands(commands) -> None:
-    from corolla.api.chat import ChatOptions
-    from corolla.api.config import ApiConfig
+    # Only the settings' dataclasses here: the parser must build without FastAPI (`corolla dht`, `server`).
+    from corolla.api.config import ApiConfig, ChatOptions
 
     api = commands.add_parser("api", help="serve a swarm's model over an OpenAI-compatible HTTP API, with a web "
                                           "chat and a swarm map")

@@ -1,4 +1,5 @@
-"""API settings: each default is defined here once; `corolla api` generates its options from these fields."""
+"""API and chat settings: each default is defined here once; `corolla api` and `corolla chat` generate their options
+from these fields. Nothing here imports FastAPI, so the CLI builds its parser without the API's dependencies."""
 
 from __future__ import annotations
 
@@ -28,3 +29,12 @@ class ApiConfig:
     state_ttl: float = field(default=1.0, metadata={"help": "seconds a swarm map is reused between requests"})
     rtt_timeout: float = field(default=2.0, metadata={"help": "seconds to wait for a server's ping reply"})
     state_refresh: float = field(default=2.0, metadata={"help": "seconds between swarm-page refreshes"})
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    system: str | None = field(default=None, metadata={"help": "system prompt (default: the chat template's)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature; 0 = greedy"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
+    max_tokens: int = field(default=256, metadata={"help": "most tokens per answer"})
+    seed: int | None = field(default=None, metadata={"help": "sampling seed, for repeatable answers"})
