@@ -1,7 +1,7 @@
 """Every supported family, in one process: transformers' own layers, split over spans at uneven boundaries, give
 the logits of transformers' own model (fp32, CPU), for a prefill, for decode steps with the server-side cache, for
-a stateless forward, and for a left-padded batch; sessions roll back past sliding windows; the server's continuous
-batching of decode steps changes no session's result."""
+a stateless forward, and for a left-padded batch; sessions roll back past sliding windows. (The server's engine,
+batching included, is checked for every family in tests/test_engine.py.)"""
 
 import pytest
 import torch
@@ -130,49 +130,3 @@ def test_checkpoint_saved_without_the_base_model_prefix(models_dir):
     with torch.no_grad():
         want = ref(ids).logits
     assert (split(ids, torch.arange(9).expand(2, -1)) - want).abs().max() < TOLERANCE
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_continuous_batching_of_decode_steps_changes_nothing(family, tiny_family):
-    """The server's compute thread runs single-token decode steps of concurrent sessions as one forward, stacking
-    their caches left-padded (corolla/server/scheduler.py). With each family's runner and cache, every session gets
-    what it gets alone: sliding windows, ALiBi and learned positions included."""
-    import asyncio
-
-    from corolla.server.backend import BlockBackend
-    from corolla.server.scheduler import Scheduler
-
-    path = tiny_family(family)
-    config = load_config(path)
-    spec = family_for(config)
-    backend = BlockBackend(config, spec, load_blocks(path, config, 1, 4, "cpu", torch.float32),
-                           make_span_helpers(spec, config, "cpu", torch.float32), 1, torch.device("cpu"),
-                           torch.float32)
-    generator = torch.Generator().manual_seed(9)
-    sessions = [(torch.randn(1, length, 64, generator=generator),
-                 [torch.randn(1, 1, 64, generator=generator) for _ in range(5)]) for length in (3, 9, 5, 14)]
-
-    async def run_session(scheduler, prompt, decode):
-        cache = backend.new_cache()
-        outputs = [await scheduler.run(1, 4, SpanInputs(prompt, torch.arange(prompt.shape[1])[None], None, cache),
-                                       True)]
-        for step, hidden in enumerate(decode):
-            position = torch.tensor([[prompt.shape[1] + step]])
-            outputs.append(await scheduler.run(1, 4, SpanInputs(hidden, position, None, cache), True))
-        return outputs
-
-    async def run(together: bool):
-        scheduler = Scheduler(backend)
-        try:
-            if together:
-                return await asyncio.gather(*(run_session(scheduler, *s) for s in sessions)), scheduler.stats
-            return [await run_session(scheduler, *s) for s in sessions], scheduler.stats
-        finally:
-            scheduler.shutdown()
-
-    expected, _ = asyncio.run(run(together=False))
-    got, stats = asyncio.run(run(together=True))
-    assert stats.largest_batch >= 2, stats
-    for want_steps, got_steps in zip(expected, got):
-        for want, have in zip(want_steps, got_steps):
-            assert (want - have).abs().max() < 1e-5

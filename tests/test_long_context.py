@@ -10,26 +10,30 @@ from transformers import AutoModelForCausalLM
 from conftest import start_swarm
 from corolla import AutoDistributedModelForCausalLM
 from corolla.models.spec import SpanInputs
-from test_scheduler import make_backend
+from corolla.server.engine import Step
+from test_engine import make_engine
 from tiny_models import make_tiny
 
 
 def test_chunked_prefill_equals_one_pass(models_dir):
     path = make_tiny("llama", models_dir / "tiny-long", max_position_embeddings=4096)
-    whole, chunked = make_backend(path, 1, 4), make_backend(path, 1, 4)
-    whole.prefill_chunk, chunked.prefill_chunk = 10_000, 64
-    prompt = torch.randn(2, 700, whole.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole, chunked = (make_engine(path, 1, 4, total_tokens=2048, page_tokens=64) for _ in range(2))
+    whole.backend.prefill_chunk, chunked.backend.prefill_chunk = 10_000, 64
+    hidden_size = whole.backend.config.hidden_size
+    prompt = torch.randn(2, 700, hidden_size, generator=torch.Generator().manual_seed(0))
     positions = torch.arange(700).unsqueeze(0).expand(2, -1)
     mask = torch.ones(2, 700, dtype=torch.int64)
     mask[1, :37] = 0  # left padding in the second row
-    step = torch.randn(2, 1, whole.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    step = torch.randn(2, 1, hidden_size, generator=torch.Generator().manual_seed(1))
     results = []
-    for backend in (whole, chunked):
-        cache = backend.new_cache()
-        prefill = backend.run_sync(1, 4, SpanInputs(prompt, positions, mask, cache))
-        decode = backend.run_sync(1, 4, SpanInputs(step, torch.tensor([[700], [700]]),
-                                                   torch.cat([mask, torch.ones(2, 1, dtype=torch.int64)], 1), cache))
-        stateless = backend.run_sync(1, 4, SpanInputs(prompt, positions, mask, None))
+    for engine in (whole, chunked):
+        session = engine.open(1, 4, 2, 701)
+        engine.reserve_now(session, 701)
+        prefill = engine.run_now(Step(session, 0, SpanInputs(prompt, positions, mask, None)))
+        decode = engine.run_now(Step(session, 700, SpanInputs(step, torch.tensor([[700], [700]]),
+                                                              torch.cat([mask, torch.ones(2, 1, dtype=torch.int64)],
+                                                                        1), None)))
+        stateless = engine.backend.run_sync(1, 4, SpanInputs(prompt, positions, mask, None))
         results.append((prefill, decode, stateless))
     for want, got in zip(*results):
         assert (want - got).abs().max() < 1e-4

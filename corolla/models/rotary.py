@@ -100,8 +100,8 @@ def rotary_span_runner(rotary_per_layer_type: bool = False) -> SpanRunner:
 
 
 def rotary_static_decode(rotary_per_layer_type: bool = False) -> StaticDecode:
-    """Decode steps over a static cache for spans whose layers all use full attention (sliding-window layers
-    would need a windowed mask; they run the ordinary way)."""
+    """Steps of a few tokens with a caller-made mask (CUDA graphs) for spans whose layers all use full attention
+    (sliding-window layers would need a windowed mask; they run the ordinary way)."""
 
     def supports(config: PretrainedConfig, start: int, end: int) -> bool:
         return all(t == "full_attention" for t in cached_layer_types(config)[start:end])

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from corolla.errors import UnsupportedModelError
 from corolla.models.lora import BlockLora
@@ -70,26 +70,18 @@ def full_history_cache(config: PretrainedConfig) -> Cache:
     return DynamicCache()
 
 
-def plain_span_layers(cache: Cache | None, start: int, end: int) -> bool:
-    """Whether layers [start, end) of a session cache are filled DynamicLayers, as `full_history_cache` makes them
-    (what batched steps stack and what static decoding mirrors)."""
-    layers = getattr(cache, "layers", None)
-    return layers is not None and len(layers) >= end and all(
-        type(layers[i]) is DynamicLayer and layers[i].is_initialized for i in range(start, end))
-
-
 # Runs blocks[first:...] on SpanInputs: (config, helpers built once per span, the blocks, first block index, inputs).
 SpanRunner = Callable[[PretrainedConfig, dict[str, nn.Module], list[nn.Module], int, SpanInputs], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class StaticDecode:
-    """How a family runs a single-token decode step over a static cache (transformers' StaticLayer, which writes
-    each new token in place), with the attention mask made by the caller: a step with fixed shapes and addresses,
-    which a server captures in a CUDA graph (server/graphs.py)."""
+    """How a family runs a step of a few new tokens over the engine's KV memory with the attention mask made by the
+    caller (a boolean [rows, 1, new, read] mask): a step with fixed shapes and addresses, which a server captures in
+    a CUDA graph (server/graphs.py)."""
 
     supports: Callable[[PretrainedConfig, int, int], bool]  # (config, start, end): can blocks [start, end) run so?
-    # (config, helpers, blocks, first block, inputs with the static cache, mask [.., .., .., slots]) -> hidden
+    # (config, helpers, blocks, first block, inputs over the KV memory, mask [rows, 1, new, read]) -> hidden
     run: Callable[[PretrainedConfig, dict[str, nn.Module], list[nn.Module], int, SpanInputs, torch.Tensor],
                   torch.Tensor]
 
@@ -129,7 +121,7 @@ class FamilySpec:
     # Raises UnsupportedModelError for configs of this model_type that the spec cannot run exactly (checked when
     # the model directory is opened, by servers and clients alike).
     check_config: Callable[[PretrainedConfig], None] = accept_config
-    # Decode steps over a static cache (for CUDA graphs); None: this family's steps always run the ordinary way.
+    # Steps with a caller-made mask (for CUDA graphs); None: this family's steps always run the ordinary way.
     static_decode: StaticDecode | None = None
 
     @property

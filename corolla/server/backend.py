@@ -1,5 +1,5 @@
-"""The blocks a server holds and how one request runs on them (called from the compute thread only:
-see scheduler.py, which owns that thread)."""
+"""The blocks a server holds and how one request runs on them: the engine's worker (called from the engine's compute
+thread only, server/engine.py). It holds no session state: a step's cache comes with its inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from transformers.cache_utils import Cache
 from corolla.models.lora import lora_applied
 from corolla.models.prompts import prompts_applied
 from corolla.models.spec import FamilySpec, SpanInputs
-from corolla.server.graphs import DecodeGraphs
 
 
 @dataclass
@@ -45,31 +44,31 @@ class BlockBackend:
             # cuDNN's attention builds a new execution plan for every new key length, ~2.7 ms per layer on an H100:
             # every decode step has a new length. Flash / memory-efficient attention have no such cost.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self.graphs = None  # decode steps replayed from CUDA graphs (graphs.py), where the family allows it
-        if cuda_graphs and device.type == "cuda" and spec.static_decode is not None:
-            self.graphs = DecodeGraphs(config, spec.static_decode, helpers, device, dtype)
+        # Decode steps may be replayed from CUDA graphs (server/graphs.py) where the family allows it.
+        self.cuda_graphs = cuda_graphs and device.type == "cuda" and spec.static_decode is not None
 
     def new_cache(self) -> Cache:
         return self.spec.make_cache(self.config)
 
     def run_sync(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
-        """Run blocks [start_block, end_block) on one request; inputs longer than `prefill_chunk` tokens go through
-        in chunks (a stateless forward gets a temporary cache), so no tokens x tokens attention matrix is built."""
+        """A stateless forward of blocks [start_block, end_block); inputs longer than `prefill_chunk` tokens go
+        through in chunks over a temporary cache, so no tokens x tokens attention matrix is built."""
+        if inputs.cache is not None:
+            raise ValueError("run_sync is for stateless forwards; session steps go through the engine")
         tokens = inputs.hidden.shape[1]
         if tokens <= self.prefill_chunk:
             return self._run_once(start_block, end_block, inputs)
-        cache = inputs.cache if inputs.cache is not None else self.new_cache()
-        past = cache.get_seq_length(start_block) if inputs.cache is not None else 0
+        cache = self.new_cache()
         outputs = []
         for begin in range(0, tokens, self.prefill_chunk):
             end = min(begin + self.prefill_chunk, tokens)
-            mask = None if inputs.attention_mask is None else inputs.attention_mask[:, :past + end]
+            mask = None if inputs.attention_mask is None else inputs.attention_mask[:, :end]
             chunk = replace(inputs, hidden=inputs.hidden[:, begin:end], position_ids=inputs.position_ids[:, begin:end],
                             attention_mask=mask, cache=cache, first_position=inputs.first_position + begin)
             outputs.append(self._run_once(start_block, end_block, chunk))
         return torch.cat(outputs, dim=1)
 
-    def _on_device(self, inputs: SpanInputs) -> SpanInputs:
+    def on_device(self, inputs: SpanInputs) -> SpanInputs:
         return replace(
             inputs,
             hidden=inputs.hidden.to(self.device, self.dtype),
@@ -87,16 +86,13 @@ class BlockBackend:
             yield blocks
 
     def _run_once(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
-        wire_dtype = inputs.hidden.dtype
-        on_device = self._on_device(inputs)
-        with torch.inference_mode():
-            if self.graphs is not None and self.graphs.eligible(start_block, end_block, on_device):
-                blocks = self.blocks[start_block - self.start:end_block - self.start]
-                output = self.graphs.run(start_block, end_block, blocks, on_device)
-            else:
-                with self._extras(start_block, end_block, on_device) as blocks:
-                    output = self.spec.run_span(self.config, self.helpers, blocks, start_block, on_device)
-        return output.to("cpu", wire_dtype)
+        return self.compute(start_block, end_block, self.on_device(inputs)).to("cpu", inputs.hidden.dtype)
+
+    def compute(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
+        """Blocks [start_block, end_block) on inputs already on the device, the ordinary way (the request's LoRA
+        and deep prompts hooked on for this run only); returns the output on the device."""
+        with torch.inference_mode(), self._extras(start_block, end_block, inputs) as blocks:
+            return self.spec.run_span(self.config, self.helpers, blocks, start_block, inputs)
 
     def backward_sync(self, start_block: int, end_block: int, inputs: SpanInputs,
                       grad_output: torch.Tensor) -> Gradients:
@@ -112,7 +108,7 @@ class BlockBackend:
                                       b=delta.b.to(self.device).requires_grad_(True))
                         for path, delta in deltas.items()} for block, deltas in (inputs.lora or {}).items()}
         # _on_device leaves tensors already on the device in the compute dtype as they are (the leaves above).
-        on_device = self._on_device(replace(inputs, hidden=hidden, prompts=prompts, lora=lora or None))
+        on_device = self.on_device(replace(inputs, hidden=hidden, prompts=prompts, lora=lora or None))
         with torch.enable_grad(), self._extras(start_block, end_block, on_device) as blocks:
             output = self.spec.run_span(self.config, self.helpers, blocks, start_block, on_device)
             leaves = [hidden] + ([prompts] if prompts is not None else [])

@@ -1,7 +1,12 @@
 """The attention-cache budget: pages of a fixed number of tokens, taken as sessions grow, returned when they end.
 
-A session reserves nothing up front: before each step it grows its allocation to cover the tokens it will
-hold. When the budget is exhausted, `grow` waits (bounded by the client's timeout) for other sessions to end.
+Each page is a real place in the engine's KV memory (server/kv.py): page p holds tokens [p * page_tokens,
+(p + 1) * page_tokens) of every layer's arena. Page 0 is never handed out: it is where padding rows of a batched
+step write and read, so that no real page is touched by them.
+
+A session reserves nothing up front: before each step its allocation grows to cover the tokens each of its rows
+will hold. When the budget is exhausted, `grow` waits (bounded by the client's timeout) for other sessions to end.
+Called from the event loop's thread only (the engine's compute thread reads page lists, never changes them).
 """
 
 from __future__ import annotations
@@ -9,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from corolla.errors import CacheFullError
+
+PADDING_PAGE = 0  # the page padding rows use; never part of a session
 
 
 class Grow(enum.Enum):
@@ -22,9 +29,23 @@ class Grow(enum.Enum):
 
 @dataclass
 class Allocation:
-    """Pages held by one session."""
+    """Pages held by one session: one list per sequence of its batch, in token order."""
 
-    pages: int = 0
+    rows: int = 1
+    pages: list[list[int]] = field(default_factory=list)
+    version: int = 0  # bumped whenever pages are added: the engine rebuilds its token index then
+
+    def __post_init__(self) -> None:
+        if not self.pages:
+            self.pages = [[] for _ in range(self.rows)]
+
+    @property
+    def page_count(self) -> int:
+        return sum(len(row) for row in self.pages)
+
+    @property
+    def row_pages(self) -> int:
+        return len(self.pages[0])
 
 
 class CacheManager:
@@ -33,8 +54,13 @@ class CacheManager:
             raise ValueError(f"cache budget of {total_tokens} tokens is smaller than one page ({page_tokens})")
         self.page_tokens = page_tokens
         self.total_pages = total_tokens // page_tokens
-        self.free_pages = self.total_pages
+        # Lowest first: a few sessions keep their pages near each other (and near the padding page).
+        self._free = list(range(self.total_pages, PADDING_PAGE, -1))
         self._freed = asyncio.Condition()
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
 
     @property
     def tokens_left(self) -> int:
@@ -44,20 +70,30 @@ class CacheManager:
     def total_tokens(self) -> int:
         return self.total_pages * self.page_tokens
 
+    @property
+    def arena_pages(self) -> int:
+        """Pages of KV memory, the padding page included."""
+        return self.total_pages + 1
+
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_tokens)
 
+    def longest_row(self, rows: int) -> int:
+        """The most tokens each of `rows` sequences could ever hold here (the whole budget shared by them)."""
+        return (self.total_pages // max(rows, 1)) * self.page_tokens
+
     def try_grow(self, allocation: Allocation, tokens: int) -> Grow:
-        """Make `allocation` cover `tokens` tokens if the pages are free now."""
-        needed = self.pages_for(tokens) - allocation.pages
-        if needed <= 0:
+        """Make every row of `allocation` cover `tokens` tokens if the pages are free now."""
+        per_row = self.pages_for(tokens) - allocation.row_pages
+        if per_row <= 0:
             return Grow.OK
-        if self.pages_for(tokens) > self.total_pages:
+        if self.pages_for(tokens) * allocation.rows > self.total_pages:
             return Grow.NEVER
-        if needed > self.free_pages:
+        if per_row * allocation.rows > self.free_pages:
             return Grow.FULL
-        self.free_pages -= needed
-        allocation.pages += needed
+        for row in allocation.pages:
+            row.extend(self._free.pop() for _ in range(per_row))
+        allocation.version += 1
         return Grow.OK
 
     async def grow(self, allocation: Allocation, tokens: int, timeout: float) -> None:
@@ -73,15 +109,22 @@ class CacheManager:
                     await asyncio.wait_for(self._freed.wait(), remaining)
                 except asyncio.TimeoutError:
                     pass
+        total = tokens * allocation.rows
         if result == Grow.NEVER:
-            raise CacheFullError(f"server cache full: {tokens} tokens exceed this server's whole cache budget of "
+            raise CacheFullError(f"server cache full: {total} tokens exceed this server's whole cache budget of "
                                  f"{self.total_tokens} tokens")
         if result == Grow.FULL:
-            raise CacheFullError(f"server cache full: needed {tokens - allocation.pages * self.page_tokens} more "
+            raise CacheFullError(f"server cache full: needed {total - allocation.page_count * self.page_tokens} more "
                                  f"tokens, {self.tokens_left} of {self.total_tokens} free after waiting {timeout:g} s")
+
+    def release_now(self, allocation: Allocation) -> None:
+        """Return every page at once (waiters are woken by `release`)."""
+        for row in allocation.pages:
+            self._free.extend(reversed(row))
+            row.clear()
+        allocation.version += 1
 
     async def release(self, allocation: Allocation) -> None:
         async with self._freed:
-            self.free_pages += allocation.pages
-            allocation.pages = 0
+            self.release_now(allocation)
             self._freed.notify_all()

@@ -20,9 +20,9 @@ from corolla.net.messages import (PUSH_PROTOCOL, BackwardRequest, BackwardResult
 from corolla.net.node import MessageStream, Node
 from corolla.net.wire import FrameTooLargeError, WireTensor
 from corolla.server.backend import BlockBackend
-from corolla.server.cache import CacheManager
+from corolla.server.engine import Engine, SpanRequest
+from corolla.server.engine import Step as EngineStep
 from corolla.server.extras import HostedAdapters, parse_extras, parse_prompts
-from corolla.server.scheduler import Scheduler
 from corolla.server.sessions import Session
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,10 @@ def _hidden(tensor: WireTensor, backend: BlockBackend, limits: Limits, batch_siz
         raise BadRequestError(f"hidden: batch must be 1..{limits.max_batch_size}, got {batch}")
     if not 1 <= tokens or batch * tokens > limits.max_step_tokens:
         raise BadRequestError(f"hidden: batch x tokens must be 1..{limits.max_step_tokens}, got {batch}x{tokens}")
-    return tensor.to_torch("hidden")
+    hidden = tensor.to_torch("hidden")
+    if not bool(torch.isfinite(hidden).all()):
+        raise BadRequestError("hidden: contains NaN or Inf values; only finite hidden states are accepted")
+    return hidden
 
 
 def _int_tensor(tensor: WireTensor | None, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -99,8 +102,8 @@ def parse_step(step: Step, session: Session, backend: BlockBackend, limits: Limi
         positions = torch.arange(step.start, step.start + tokens).unsqueeze(0).expand(batch, -1)
     mask = _int_tensor(step.attention_mask, "attention_mask", (batch, step.start + tokens))
     prompts = parse_prompts(step.prompts, session.end_block - session.start_block, batch, backend.config.hidden_size)
-    return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=session.cache,
-                      lora=session.lora, prompts=prompts, first_position=step.start)
+    return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=None,
+                      lora=session.state.lora, prompts=prompts, first_position=step.start)
 
 
 def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits,
@@ -132,9 +135,9 @@ def parse_backward(request: BackwardRequest, backend: BlockBackend, limits: Limi
 
 
 class Handlers:
-    def __init__(self, backend: BlockBackend, scheduler: Scheduler, model_id: str, cache: CacheManager,
-                 limits: Limits, node: Node, adapters: HostedAdapters | None = None):
-        self.backend, self.scheduler, self.model_id, self.cache = backend, scheduler, model_id, cache
+    def __init__(self, backend: BlockBackend, engine: Engine, model_id: str, limits: Limits, node: Node,
+                 adapters: HostedAdapters | None = None):
+        self.backend, self.engine, self.model_id = backend, engine, model_id
         self.limits, self.node = limits, node
         self.adapters = adapters or HostedAdapters()
         self.sessions: dict[str, Session] = {}
@@ -157,14 +160,10 @@ class Handlers:
             )
         if request.batch_size > self.limits.max_batch_size:
             raise BadRequestError(f"batch_size={request.batch_size} exceeds max_batch_size={self.limits.max_batch_size}")
-        if request.max_length * request.batch_size > self.cache.total_tokens:
-            raise CacheFullError(f"server cache full: a session of max_length={request.max_length} x batch "
-                                 f"{request.batch_size} could never fit this server's {self.cache.total_tokens} tokens")
         lora = parse_extras(self.adapters, request.adapter, request.lora, self.backend, request.start_block,
                             request.end_block)
-        session = Session(start_block=request.start_block, end_block=request.end_block,
-                          max_length=request.max_length, batch_size=request.batch_size,
-                          cache=self.backend.new_cache(), cache_wait=request.cache_wait, peer_id=peer_id, lora=lora)
+        state = self.engine.open(request.start_block, request.end_block, request.batch_size, request.max_length, lora)
+        session = Session(state=state, cache_wait=request.cache_wait, peer_id=peer_id)
         self.sessions[session.session_id] = session
         return session
 
@@ -175,8 +174,7 @@ class Handlers:
 
     async def _close(self, session: Session) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
-            session.cache = None  # drop the tensors now, not when the handler frame goes away
-            await self.cache.release(session.allocation)
+            await self.engine.close(session.state)
 
     async def inference(self, stream: MessageStream) -> None:
         try:
@@ -264,25 +262,21 @@ class Handlers:
                 await _reply_error(stream, e)
                 continue
             try:
-                await self.cache.grow(session.allocation, (message.start + inputs.hidden.shape[1]) * session.batch_size,
-                                      timeout=session.cache_wait)
+                await self.engine.reserve(session.state, message.start + inputs.hidden.shape[1],
+                                          timeout=session.cache_wait)
             except CacheFullError as e:
                 await _reply_error(stream, e)
                 continue
-            session.rewind(message.start)
-            if reorder is not None:
-                session.cache.reorder_cache(reorder.to(self.backend.device))
             try:
                 if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
                     raise RuntimeError("failure injected for testing (--debug-fail-file)")
-                output = await self.scheduler.run(session.start_block, session.end_block, inputs, inference=True,
-                                                  alone=len(self.sessions) == 1)
+                output = await self.engine.step(EngineStep(session.state, message.start, inputs, reorder),
+                                                alone=len(self.sessions) == 1)
             except Exception as e:
                 logger.exception("step failed in session %s", session.name)
-                # The cache may hold part of this step now: end the session; the client replays elsewhere.
+                # A reorder may have been applied without the step: end the session; the client replays elsewhere.
                 await _reply_error(stream, e, kind="internal")
                 return
-            session.length = message.start + inputs.hidden.shape[1]
             hidden = WireTensor.from_torch(self._perturbed(output), codec=message.hidden.codec)
             pushed = bool(message.push_to) and await self._push(session, message, hidden)
             await self._delay()  # emulated wide-area link, outbound (after the push: it has its own link)
@@ -336,8 +330,7 @@ class Handlers:
         await self._delay()  # emulated wide-area link, inbound
         if self.limits.fail_file is not None and os.path.exists(self.limits.fail_file):
             raise RuntimeError("failure injected for testing (--debug-fail-file)")
-        return await self.scheduler.run(request.start_block, request.end_block, inputs, inference=False,
-                                        grad_output=grad_output)
+        return await self.engine.forward(SpanRequest(request.start_block, request.end_block, inputs, grad_output))
 
     async def _forward_reply(self, request: ForwardRequest) -> ForwardResult:
         output = await self._compute(request, parse_forward(request, self.backend, self.limits, self.adapters))

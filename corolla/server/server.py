@@ -33,7 +33,7 @@ from corolla.server.config import ServerConfig
 from corolla.server.handlers import Handlers, Limits
 from corolla.server.placement import blocks_that_fit, choose_span, should_move
 from corolla.server.quantize import QUANT_TYPES, block_bytes, quantize_blocks
-from corolla.server.scheduler import Scheduler
+from corolla.server.engine import Engine
 from corolla.server.throughput import Throughput, cached_measure
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Serving:
     start: int
     end: int
     backend: BlockBackend
-    scheduler: Scheduler
+    engine: Engine
     handlers: Handlers
     throughput: Throughput
 
@@ -136,8 +136,9 @@ class Server:
         cache_file = Path(self.config.throughput_cache or cache_dir() / "throughput.json")
         key = f"{self.model_id}|{self.device}|{torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu'}" \
               f"|{self.dtype}|{self.config.quant}|threads={torch.get_num_threads()}{layout}" \
-              f"{'|graphs' if backend.graphs is not None else ''}"
-        throughput = cached_measure(backend, cache_file, key)
+              f"{'|graphs' if backend.cuda_graphs else ''}"
+        engine = Engine(backend, self.cache, max_batch=self.config.max_batch_size)
+        throughput = cached_measure(engine, cache_file, key)
         logger.info("blocks %d:%d loaded: %.1f MiB, %.1f decode tokens/s for the span", start, end,
                     sum(block_bytes(b) for b in blocks) / 2**20, throughput.for_span(end - start)[0])
         max_length = self.config.max_session_length or getattr(self.model_config, "max_position_embeddings", None) or 8192
@@ -151,9 +152,8 @@ class Server:
                                  self.config.hub_dir)
         if adapters.names:
             logger.info("hosting adapters: %s", ", ".join(adapters.names))
-        scheduler = Scheduler(backend, max_batch=self.config.max_batch_size)
-        handlers = Handlers(backend, scheduler, self.model_id, self.cache, limits, node, adapters)
-        return Serving(start, end, backend, scheduler, handlers, throughput)
+        handlers = Handlers(backend, engine, self.model_id, limits, node, adapters)
+        return Serving(start, end, backend, engine, handlers, throughput)
 
     def _record(self, state: ServerState, node: Node) -> ServerRecord:
         serving = self.serving
@@ -227,7 +227,7 @@ class Server:
         await self._announce(node, ServerState.OFFLINE)  # clients stop routing here, open sessions fail over
         old = self.serving
         await old.handlers.close_all()
-        old.scheduler.shutdown()
+        old.engine.shutdown()
         self.serving = None
         await self._serve_span(node, *target)
         print(f"ready: serving blocks {self.start}:{self.end} of {self.model_id} as {node.peer_id}", flush=True)
@@ -260,7 +260,7 @@ class Server:
             await asyncio.wait_for(self._announce(node, ServerState.OFFLINE), 5)
         finally:
             if self.serving is not None:
-                self.serving.scheduler.shutdown()
+                self.serving.engine.shutdown()
             await asyncio.wait_for(node.shutdown(), 10)
 
 
