@@ -120,14 +120,15 @@ def write_checkpoint(path: Path, preset: str, dtype: torch.dtype, device: str, s
     return path
 
 
-def time_generation(model, input_ids, new_tokens: int, runs: int, warmup_tokens: int = 16):
+def time_generation(model, input_ids, new_tokens: int, runs: int, warmup_tokens: int = 16, **generate_kwargs):
     """(ms/token median, first-token seconds median, tokens of the first timed run, every run's ms/token)."""
 
     def once(n):
         streamer = TimingStreamer()
         began = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer)
+            out = model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer,
+                                 **generate_kwargs)
         gaps = [b - a for a, b in zip(streamer.times, streamer.times[1:])]
         return 1000 * statistics.mean(gaps), streamer.times[0] - began, out[0, input_ids.shape[1]:].tolist()
 
@@ -145,15 +146,17 @@ def agreement(tokens: list[int], reference: list[int] | None) -> float | None:
     return sum(a == b for a, b in zip(tokens[:n], reference[:n])) / max(n, 1)
 
 
-def run_local(model_dir: Path, device: str, dtype, input_ids, args, default_cudnn_sdp: bool | None) -> dict:
+def run_local(model_dir: Path, device: str, dtype, input_ids, args, default_cudnn_sdp: bool | None,
+              **generate_kwargs) -> dict:
     """One process, the whole model on `device`: cuDNN attention off (as on the servers), median of --runs; then,
-    where `default_cudnn_sdp` is given, one more run with PyTorch's default attention backends."""
+    where `default_cudnn_sdp` is given, one more run with PyTorch's default attention backends. `generate_kwargs`,
+    e.g. cache_implementation="static" (transformers then compiles the decode step)."""
     began = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
     load_s = time.perf_counter() - began
     ids = input_ids.to(device)
     try:
-        ms, first, tokens, all_ms = time_generation(model, ids, args.new_tokens, args.runs)
+        ms, first, tokens, all_ms = time_generation(model, ids, args.new_tokens, args.runs, **generate_kwargs)
         result = dict(ms_per_token=ms, first_token_s=first, tokens=tokens, runs_ms=all_ms, load_s=load_s)
         default = None
         if default_cudnn_sdp is not None:
@@ -240,9 +243,8 @@ def main() -> None:
                         help="devices of the 2 servers in setup swarm2 (default: cuda:0 cuda:1)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 (cuda), float32 (cpu)")
     parser.add_argument("--workdir", default="/tmp/corolla-gpu-swarm", help="checkpoint and logs (local disk)")
-    parser.add_argument("--setups", nargs="+", default=["local", "local-default", "swarm1", "swarm1-eager", "swarm2",
-                                                        "offload"],
-                        choices=["local", "local-default", "swarm1", "swarm1-eager", "swarm2", "offload"])
+    setups = ["local", "local-static", "local-default", "swarm1", "swarm1-eager", "swarm2", "offload"]
+    parser.add_argument("--setups", nargs="+", default=setups, choices=setups)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
@@ -320,6 +322,9 @@ def main() -> None:
                 reference = result["tokens"]
                 if default is not None:
                     finish("local-default", default, 0.0)
+            elif setup == "local-static":  # the strongest one-process figure: static cache, compiled decode step
+                result = run_local(model_dir, args.device, dtype, input_ids, args, None,
+                                   cache_implementation="static")[0]
             elif setup == "local-default":
                 result = run_local(model_dir, args.device, dtype, input_ids, args, default_cudnn_sdp)[1]
             elif setup == "swarm1":

@@ -59,16 +59,14 @@ def new_step(session, start, hidden, reorder=None):
     return Step(session, start, SpanInputs(hidden, positions, None, None), reorder)
 
 
-def test_batched_steps_do_not_overwrite_each_others_memory(models_dir):
-    """The reproduction: four sessions prefill 20 tokens; one decode step planned as the batch [A, B], then as
-    [C, D] (equal lengths: the graph path), then one more step each alone. Before the engine, the second batch's
-    static cache overwrote A's and B's keys (3e-2 off)."""
-    model = make_tiny_llama(models_dir / "tiny-llama-5", num_layers=5)
-    engine = make_engine(model, 1, 4, graphs=True)
+def check_reproduction(engine, tolerance=TOLERANCE):
+    """Four sessions prefill 20 tokens; one decode step planned as the batch [A, B], then as [C, D] (equal lengths:
+    the graph path), then one more step each alone; each equals its own inputs run from scratch."""
     generator = torch.Generator().manual_seed(0)
-    hidden_size = engine.backend.config.hidden_size
-    prompts = {name: torch.randn(1, 20, hidden_size, generator=generator) for name in "ABCD"}
-    decode = {name: [torch.randn(1, 1, hidden_size, generator=generator) for _ in range(2)] for name in "ABCD"}
+    hidden_size, dtype = engine.backend.config.hidden_size, engine.backend.dtype
+    prompts = {name: torch.randn(1, 20, hidden_size, generator=generator).to(dtype) for name in "ABCD"}
+    decode = {name: [torch.randn(1, 1, hidden_size, generator=generator).to(dtype) for _ in range(2)]
+              for name in "ABCD"}
 
     async def main():
         sessions = {name: engine.open(1, 4, 1, 64) for name in "ABCD"}
@@ -82,15 +80,24 @@ def test_batched_steps_do_not_overwrite_each_others_memory(models_dir):
                 got[name].append(output)
         for name in "ABCD":
             got[name] += await run_together(engine, [new_step(sessions[name], 21, decode[name][1])])
+        for session in sessions.values():
+            await engine.close(session)
         return got
 
     got = asyncio.run(main())
-    assert engine.stats.largest_batch == 2 and engine.graphs.replays >= 6
+    assert engine.stats.largest_batch >= 2 and engine.graphs.replays >= 6
     for name in "ABCD":
         history = torch.cat([prompts[name], *decode[name]], dim=1)
         want = expected(engine, 1, 4, history, 20)
         for step in range(2):
-            assert (got[name][step] - want[:, step:step + 1]).abs().max() < TOLERANCE, (name, step)
+            assert (got[name][step] - want[:, step:step + 1]).abs().max() < tolerance, (name, step)
+
+
+def test_batched_steps_do_not_overwrite_each_others_memory(models_dir):
+    """The reproduction of the aliasing bug: before the engine, the second batch's static cache overwrote A's and
+    B's keys (3e-2 off) while C and D were exact."""
+    model = make_tiny_llama(models_dir / "tiny-llama-5", num_layers=5)
+    check_reproduction(make_engine(model, 1, 4, graphs=True))
 
 
 class Schedule:

@@ -4,6 +4,7 @@ Run on a GPU machine: `python -m pytest tests/test_gpu.py`."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -39,15 +40,19 @@ def test_lora_training_and_generation_through_gpu_servers(local_swarm, tiny_llam
         model.close()
 
 
-def test_decode_graphs_equal_ordinary_steps_on_gpu(tiny_llama):
-    from test_graphs import SCRIPT_GRAPHS, compare, second_session
+def test_engine_replaying_real_graphs_equals_each_session_alone(models_dir):
+    """The randomized differential test of tests/test_engine.py with real CUDA-graph capture (float32, no TF32):
+    batched and lone steps of 1 to 16 tokens replayed from graphs, rollbacks, beam reorders, sessions ending and
+    new ones reusing their pages; and the aliasing reproduction."""
+    from test_engine import check_reproduction, make_engine, run_schedules
+    from tiny_models import make_tiny_llama
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    graphed, cache, first_run = compare(tiny_llama, "cuda:0", capture=True, tolerance=1e-4)
-    assert graphed.graphs.captures == SCRIPT_GRAPHS  # each step length, at the first capacity and then past it
-    del cache
-    second_session(graphed, first_run, tolerance=1e-4)  # replays the first session's graphs over its cache
-    assert graphed.graphs.captures == SCRIPT_GRAPHS + 1  # only the 3-token step had no graph at 512 tokens
+    model = make_tiny_llama(models_dir / "tiny-llama-5", num_layers=5)
+    engine = make_engine(model, 1, 4, graphs=True, device="cuda:0", capture=True)
+    check_reproduction(engine, tolerance=1e-4)
+    assert run_schedules(engine, range(30), [(1, 4), (2, 4)], tolerance=1e-4) > 500
+    assert engine.graphs.captures > 10 and engine.graphs.replays > 200 and engine.stats.batched_requests > 100
 
 
 @pytest.fixture(scope="module")
@@ -68,35 +73,61 @@ def gpus() -> list[str]:
     return [f"cuda:{index}" for index in range(min(torch.cuda.device_count(), 2))]
 
 
+def scripted_outputs(engine):
+    """A fixed script over three sessions: prefills, batched decode steps, a batched 4-token step, a rollback."""
+    from test_engine import new_step, run_together
+
+    hidden_size = engine.backend.config.hidden_size
+    generator = torch.Generator().manual_seed(7)
+
+    def hidden(tokens):
+        return torch.randn(1, tokens, hidden_size, generator=generator).to(engine.backend.dtype)
+
+    async def main():
+        sessions = [engine.open(1, 4, 1, 200) for _ in range(3)]
+        outputs = []
+        for index, session in enumerate(sessions):
+            await engine.reserve(session, 120, timeout=0)
+            outputs += await run_together(engine, [new_step(session, 0, hidden(30 + 7 * index))])
+        for _ in range(4):
+            outputs += await run_together(engine, [new_step(s, s.length, hidden(1)) for s in sessions])
+        outputs += await run_together(engine, [new_step(s, s.length, hidden(4)) for s in sessions])
+        outputs += await run_together(engine, [new_step(s, s.length - 2, hidden(1)) for s in sessions])
+        return outputs
+
+    return asyncio.run(main())
+
+
 @pytest.mark.parametrize("device", gpus() or ["cuda:0"])
 def test_graph_replays_equal_the_same_steps_run_eagerly(llama_8b_layers, device):
     """Bitwise: a replayed graph computes exactly what its captured code computes when run directly, on every GPU
-    (the first version replayed on cuda:1 without waiting for its inputs)."""
-    from test_graphs import SCRIPT_GRAPHS, backends, run_script, session_script
+    (an earlier version replayed on cuda:1 without waiting for its inputs)."""
+    from test_engine import make_engine
 
-    _, eager = backends(llama_8b_layers, 1, 4, device, capture=False, dtype=torch.bfloat16)
-    _, graphed = backends(llama_8b_layers, 1, 4, device, capture=True, dtype=torch.bfloat16)
-    script = session_script(eager.config.hidden_size)
-    for step, (want, got) in enumerate(zip(run_script(eager, script, 1, 4)[0], run_script(graphed, script, 1, 4)[0])):
+    eager = make_engine(llama_8b_layers, 1, 4, graphs=True, device=device, dtype=torch.bfloat16, capture=False,
+                        total_tokens=4096, page_tokens=64)
+    graphed = make_engine(llama_8b_layers, 1, 4, graphs=True, device=device, dtype=torch.bfloat16, capture=True,
+                          total_tokens=4096, page_tokens=64)
+    for step, (want, got) in enumerate(zip(scripted_outputs(eager), scripted_outputs(graphed))):
         assert torch.equal(got, want), step
-    assert graphed.graphs.captures == SCRIPT_GRAPHS
+    assert graphed.graphs.captures >= 3
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "llama_8b_layers"])
-def test_decode_graphs_in_bfloat16_are_as_accurate_as_ordinary_steps(model, request):
-    """In bfloat16 the graphs' attention (a masked kernel over the static cache) rounds differently from the
+def test_graphs_in_bfloat16_are_as_accurate_as_ordinary_steps(model, request):
+    """In bfloat16 the graphs' attention (a masked kernel over a bucket of slots) rounds differently from the
     ordinary steps' (no mask), so both are compared with a float32 run: the graphs must be as close to it."""
-    from test_graphs import SCRIPT_GRAPHS, backends, run_script, session_script
+    from test_engine import make_engine
 
     path = request.getfixturevalue(model)
-    reference, _ = backends(path, 1, 4, "cuda:0", dtype=torch.float32)
-    ordinary, graphed = backends(path, 1, 4, "cuda:0", capture=True, dtype=torch.bfloat16)
-    script = session_script(reference.config.hidden_size)
-    want = run_script(reference, script, 1, 4)[0]
-    plain = run_script(ordinary, script, 1, 4)[0]
-    got = run_script(graphed, script, 1, 4)[0]
-    assert graphed.graphs.captures == SCRIPT_GRAPHS
+    settings = dict(device="cuda:0", total_tokens=4096, page_tokens=64)
+    want = scripted_outputs(make_engine(path, 1, 4, dtype=torch.float32, **settings))
+    plain = scripted_outputs(make_engine(path, 1, 4, dtype=torch.bfloat16, **settings))
+    graphed = make_engine(path, 1, 4, graphs=True, capture=True, dtype=torch.bfloat16, **settings)
+    got = scripted_outputs(graphed)
+    assert graphed.graphs.captures >= 3
     for step, (w, p, g) in enumerate(zip(want, plain, got)):
+        w, p, g = w.float(), p.float(), g.float()
         scale = w.abs().max().item()
         plain_error, graph_error = (p - w).abs().max().item(), (g - w).abs().max().item()
         assert graph_error <= 2 * plain_error + 1e-3 * scale, (step, graph_error, plain_error, scale)
@@ -125,5 +156,35 @@ def test_generation_through_gpu_servers_replaying_graphs_equals_transformers(loc
     finally:
         model.close()
     for server in servers:
-        counts = {int(n) for n in re.findall(r"decode graph captured: .* (\d+) new token", server.log())}
+        counts = {int(n) for n in re.findall(r"step graph captured: .* (\d+) new token", server.log())}
         assert 1 in counts and max(counts) > 1, counts  # graphs of decode steps and of verifying steps
+
+
+def test_concurrent_generations_through_gpu_servers_equal_each_alone(local_swarm, tiny_llama, reference):
+    """Eight clients generate at once through two GPU servers (their steps batched and replayed from graphs of
+    several rows): each gets what transformers gives its prompt alone."""
+    import threading
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    start_swarm(local_swarm, tiny_llama, [(0, 2), (2, 5)], ["--device", "cuda:0", "--dtype", "float32"])
+    prompts = [torch.randint(3, 320, (1, 5 + index), generator=torch.Generator().manual_seed(index))
+               for index in range(8)]
+    models = [AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=local_swarm.initial_peers)
+              for _ in prompts]
+    results = [None] * len(prompts)
+
+    def generate(index):
+        results[index] = models[index].generate(prompts[index], max_new_tokens=20, do_sample=False)
+
+    threads = [threading.Thread(target=generate, args=(index,)) for index in range(len(prompts))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+    finally:
+        for model in models:
+            model.close()
+    for prompt, got in zip(prompts, results):
+        assert got is not None and got.tolist() == reference.generate(prompt, max_new_tokens=20,
+                                                                      do_sample=False).tolist()
