@@ -110,7 +110,7 @@ def test_graph_replays_equal_the_same_steps_run_eagerly(llama_8b_layers, device)
                           total_tokens=4096, page_tokens=64)
     for step, (want, got) in enumerate(zip(scripted_outputs(eager), scripted_outputs(graphed))):
         assert torch.equal(got, want), step
-    assert graphed.graphs.captures >= 3
+    assert graphed.graphs.captures == 2  # 3 sessions padded to 4 rows: steps of 1 token and of 4
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "llama_8b_layers"])
@@ -125,7 +125,7 @@ def test_graphs_in_bfloat16_are_as_accurate_as_ordinary_steps(model, request):
     plain = scripted_outputs(make_engine(path, 1, 4, dtype=torch.bfloat16, **settings))
     graphed = make_engine(path, 1, 4, graphs=True, capture=True, dtype=torch.bfloat16, **settings)
     got = scripted_outputs(graphed)
-    assert graphed.graphs.captures >= 3
+    assert graphed.graphs.captures == 2
     for step, (w, p, g) in enumerate(zip(want, plain, got)):
         w, p, g = w.float(), p.float(), g.float()
         scale = w.abs().max().item()
