@@ -12,11 +12,16 @@ from corolla.server.cache import Allocation, CacheManager, Grow
 def test_pages_are_taken_as_sequences_grow():
     cache = CacheManager(total_tokens=256, page_tokens=64)
     session = Allocation()
-    assert cache.try_grow(session, 1) == Grow.OK and session.pages == 1
-    assert cache.try_grow(session, 64) == Grow.OK and session.pages == 1
-    assert cache.try_grow(session, 65) == Grow.OK and session.pages == 2
+    assert cache.try_grow(session, 1) == Grow.OK and session.page_count == 1
+    assert cache.try_grow(session, 64) == Grow.OK and session.page_count == 1
+    assert cache.try_grow(session, 65) == Grow.OK and session.page_count == 2
     assert cache.tokens_left == 128
     assert cache.try_grow(Allocation(), 257) == Grow.NEVER
+    beams = Allocation(rows=2)  # every row of a batch gets its own pages
+    assert cache.try_grow(beams, 65) == Grow.FULL and beams.page_count == 0
+    assert cache.try_grow(beams, 64) == Grow.OK and beams.page_count == 2
+    held = [page for row in session.pages + beams.pages for page in row]
+    assert sorted(held) == [1, 2, 3, 4]  # real, distinct pages; page 0 is the padding page, never handed out
 
 
 def test_budget_never_exceeded_under_many_sessions():
@@ -33,6 +38,7 @@ def test_budget_never_exceeded_under_many_sessions():
                     length += rng.randrange(1, 40)
                     await cache.grow(allocation, length, timeout=1)
                     peak = max(peak, cache.total_pages - cache.free_pages)
+                    assert allocation.page_count * cache.page_tokens >= length
                     assert cache.free_pages >= 0
                     await asyncio.sleep(0)
             except CacheFullError:

@@ -33,6 +33,13 @@ def test_full_cache_gives_a_clear_error_and_frees_on_close(local_swarm, tiny_lla
                     second(torch.randint(3, 320, (1, 5)))
             assert 1.0 <= time.monotonic() - began < 15
             assert holder.position == 100
+            # A session that could never fit is refused at once, naming the largest one that could.
+            began = time.monotonic()
+            with pytest.raises(CorollaError, match=r"a session of 1000000000000 tokens \(max_length x batch\) can "
+                                                   r"never fit: the largest the swarm can hold is 128 tokens"):
+                with second.inference_session(max_length=10**12), torch.no_grad():
+                    second(torch.randint(3, 320, (1, 5)))
+            assert time.monotonic() - began < 1.0
         time.sleep(2.5)
         record = next(iter(swarm_view(local_swarm.initial_peers, tiny_llama, "tiny-llama").values()))
         assert record.cache_tokens_left == 128  # the closed session's pages are back

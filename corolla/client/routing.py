@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from corolla.net.records import PeerRecord, ServerState
 
@@ -42,6 +42,22 @@ class RouteFilter:
                 and (self.allowed is None or s.peer_id in self.allowed)
                 and s.record.cache_tokens_left >= self.min_cache_tokens
                 and (self.adapter is None or self.adapter in s.record.adapters)]
+
+
+def largest_session(servers: list[PeerRecord], start: int, end: int,
+                    route_filter: RouteFilter = RouteFilter()) -> tuple[int, int] | None:
+    """(tokens, block): the most tokens a session over [start, end) could ever hold (the smallest, over the
+    blocks, of the largest cache budget among the usable servers of that block) and the block that limits it; None
+    when some block's servers do not announce their budget, or have none."""
+    usable = [s for s in replace(route_filter, min_cache_tokens=0).usable(servers)]
+    limit = None
+    for block in range(start, end):
+        budgets = [s.record.cache_tokens_total for s in usable if s.record.start_block <= block < s.record.end_block]
+        if not budgets or 0 in budgets:
+            return None
+        if limit is None or max(budgets) < limit[0]:
+            limit = (max(budgets), block)
+    return limit
 
 
 def missing_ranges(servers: list[PeerRecord], start: int, end: int,

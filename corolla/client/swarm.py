@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Coroutine
 
 from corolla.client.config import ClientConfig
-from corolla.client.routing import Hop, RouteFilter, missing_ranges, plan_balanced_route, plan_fastest_route
+from corolla.client.routing import (Hop, RouteFilter, largest_session, missing_ranges, plan_balanced_route,
+                                    plan_fastest_route)
 from corolla.errors import CacheFullError, MissingBlocksError
 from corolla.net.directory import read_servers
 from corolla.net.node import MessageStream, NetworkConfig, Node
@@ -118,6 +119,11 @@ class SwarmClient:
         while True:
             servers = await self.servers(refresh=refresh)
             route_filter = self.route_filter(servers, min_cache_tokens, adapter)
+            largest = largest_session(servers, start, end, route_filter) if min_cache_tokens else None
+            if largest is not None and min_cache_tokens > largest[0]:  # waiting for room would be in vain
+                raise CacheFullError(f"server cache full: a session of {min_cache_tokens} tokens (max_length x batch) "
+                                     f"can never fit: the largest the swarm can hold is {largest[0]} tokens (block "
+                                     f"{largest[1]}'s servers)")
             if purpose == "inference":
                 rtts = await self._measure_rtts(servers, route_filter)
                 route_filter = self.route_filter(servers, min_cache_tokens, adapter)  # pings may have banned some

@@ -31,6 +31,9 @@ class ServerRecord(BaseModel):
     adapters: list[str] = Field(default_factory=list, max_length=64, description="adapters this server hosts "
                                                                                  "(by the names clients ask for)")
     cache_tokens_left: int = Field(default=0, ge=0, description="attention-cache room, in tokens")
+    cache_tokens_total: int = Field(default=0, ge=0, description="the whole attention-cache budget, in tokens: the "
+                                                                 "most one session (max_length x batch) can ever "
+                                                                 "hold here (0: not announced)")
     version: str = Field(default="", description="corolla version of the server")
     public_name: str = Field(default="", max_length=100, description="optional human-readable server name")
     started_at: float = Field(default=0.0, description="unix time the server process started (restarts change it)")

@@ -164,6 +164,7 @@ class Server:
                             network_mbps=bandwidth * 8 / 1e6 if bandwidth else None,
                             dtype=str(self.dtype).removeprefix("torch."), quant=self.config.quant,
                             cache_tokens_left=self.cache.tokens_left if state == ServerState.ONLINE else 0,
+                            cache_tokens_total=self.cache.total_tokens,
                             version=corolla.__version__, public_name=self.config.public_name,
                             started_at=self.started_at, next_pings=self.next_pings,
                             adapters=serving.handlers.adapters.names if serving else [])
