@@ -220,7 +220,7 @@ def expected_reply(payload: bytes, session: SessionModel):
         return None  # would end the session: not a malformed message
     if not isinstance(message, Step):
         return "error", f"expected step or close_session, got {message.TYPE}"
-    fake = SimpleNamespace(length=session.length, batch_size=1, max_length=SESSION_MAX_LENGTH, cache=None,
+    fake = SimpleNamespace(length=session.length, batch_size=1, max_length=SESSION_MAX_LENGTH,
                            start_block=0, end_block=5, lora=None)
     try:
         parse_step(message, fake, FAKE_BACKEND, LIMITS)

@@ -103,7 +103,7 @@ def parse_step(step: Step, session: Session, backend: BlockBackend, limits: Limi
     mask = _int_tensor(step.attention_mask, "attention_mask", (batch, step.start + tokens))
     prompts = parse_prompts(step.prompts, session.end_block - session.start_block, batch, backend.config.hidden_size)
     return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=None,
-                      lora=session.state.lora, prompts=prompts, first_position=step.start)
+                      lora=session.lora, prompts=prompts, first_position=step.start)
 
 
 def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits,

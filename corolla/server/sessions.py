@@ -47,3 +47,7 @@ class Session:
     @property
     def length(self) -> int:
         return self.state.length
+
+    @property
+    def lora(self) -> dict | None:
+        return self.state.lora
