@@ -208,7 +208,7 @@ class Engine:
                 accepted = 0
                 while accepted < len(draft) and picks[accepted] == draft[accepted]:
                     accepted += 1
-                session.position -= len(draft) - accepted  # rejected draft tokens: the next step overwrites them
+                session.rollback_to(session.position - (len(draft) - accepted))  # drop the rejected draft tokens
                 self.steps += 1
                 self.drafted_steps += bool(draft)
                 chosen = draft[:accepted] + [picks[accepted]]

@@ -70,11 +70,12 @@ class RemoteSessionCache(Cache):
     def crop(self, tokens: int) -> None:
         """transformers 5.x: crop(-n) drops the last n tokens (speculative decoding's rejected drafts); crop(0) is a
         no-op. Rolling back is free: the next step starts at the shorter position and servers drop what follows."""
-        prefix = self.session.prefix_tokens
-        if tokens < 0:
-            self.session.position = max(prefix, self.session.position + tokens)
-        elif tokens > 0:  # older transformers: the length to keep
-            self.session.position = min(self.session.position, prefix + tokens)
+        session = self.session
+        if tokens == 0:
+            return
+        # tokens > 0 (older transformers): the length to keep. Never below the prompt-tuning positions.
+        kept = session.position + tokens if tokens < 0 else session.prefix_tokens + tokens
+        session.rollback_to(min(session.position, max(session.prefix_tokens, kept)))
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
