@@ -354,3 +354,21 @@ def test_a_lone_sessions_decode_steps_run_on_the_loop_thread(tiny_llama, monkeyp
     monkeypatch.setattr(engine_module, "_INLINE_MAX_S", 0.0)  # every span counts as slow
     _, threads = session(alone=True)
     assert threads == ["corolla-compute"] * 5
+
+
+def test_graphs_take_the_steps_they_can_hold(tiny_llama):
+    """Steps of 1 to 16 new tokens of plain sessions, up to 64 rows, reading up to 64 x 4096 bucket tokens."""
+    engine = make_engine(tiny_llama, 1, 4, graphs=True)
+    session = engine.open(1, 4, 1, 100)
+
+    def step(start, rows=1, tokens=1, **extras):
+        return Step(session, start, SpanInputs(torch.zeros(rows, tokens, 64), torch.zeros(rows, tokens,
+                                                                                           dtype=torch.long),
+                                               None, None, **extras))
+
+    assert engine.graphs.eligible([step(100)]) and engine.graphs.eligible([step(100, tokens=16)])
+    assert engine.graphs.eligible([step(4000, rows=64)])  # 64 rows x a read bucket of 4096
+    assert not engine.graphs.eligible([step(4096, rows=64)])  # a read bucket of 8192: the ordinary way
+    assert not engine.graphs.eligible([step(100, tokens=17)])
+    assert not engine.graphs.eligible([step(100, rows=65)])
+    assert not engine.graphs.eligible([step(100, prompts=torch.zeros(3, 1, 1, 64))])

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # a step's rows are padded up to the next bucket
 MIN_READ = 256  # tokens per row a graph reads at least (a multiple of 16, as memory-efficient attention wants)
 MAX_GRAPH_TOKENS = 16  # longer steps (prefills) run the ordinary way: their launches are amortized over the tokens
+# Bucket rows x read tokens above this run the ordinary way: a graph's memory pool keeps its largest gathered keys
+# and values for good (64 rows x 4096 tokens of an 8B model's 8 KV heads of 128: 1 GiB of bf16 keys and values).
+MAX_GRAPH_READ = 64 * 4096
 
 
 def read_bucket(tokens: int) -> int:
@@ -78,7 +81,10 @@ class BatchGraphs:
     def eligible(self, steps) -> bool:
         first = steps[0]
         new = first.tokens
-        if not 1 <= new <= MAX_GRAPH_TOKENS or sum(step.rows for step in steps) > self.max_rows:
+        rows = sum(step.rows for step in steps)
+        if not 1 <= new <= MAX_GRAPH_TOKENS or rows > self.max_rows:
+            return False
+        if rows_bucket(rows) * read_bucket(max(step.start for step in steps) + new) > MAX_GRAPH_READ:
             return False
         if not all(step.inputs.plain and step.inputs.attention_mask is None for step in steps):
             return False
