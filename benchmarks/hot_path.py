@@ -27,7 +27,8 @@ from transformers import LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from corolla.models.rotary import cached_layer_types, layer_types  # noqa: E402
 from corolla.models.spec import SpanInputs  # noqa: E402
-from corolla.server.scheduler import Scheduler  # noqa: E402
+from corolla.server.cache import CacheManager  # noqa: E402
+from corolla.server.engine import Engine, SpanRequest  # noqa: E402
 
 
 def frames() -> None:
@@ -115,24 +116,29 @@ def history() -> None:
 
 
 def thread_hops() -> None:
-    """Measured, not changed: the server's hand-off to its compute thread and the client's to its network thread."""
+    """Measured, not changed: the server's hand-off to its engine's compute thread and the client's to its network
+    thread."""
 
     class Noop:
+        """A backend of one block whose stateless forward returns its input: only the engine's hand-offs remain."""
+
+        start, end, device, cuda_graphs = 0, 1, torch.device("cpu"), False
+
         def run_sync(self, start, end, inputs):
             return inputs.hidden
 
-    async def scheduler_round_trip():
-        scheduler = Scheduler(Noop())
-        inputs = SpanInputs(torch.zeros(1, 1, 8), torch.zeros(1, 1, dtype=torch.long), None, None)
+    async def engine_round_trip():
+        engine = Engine(Noop(), CacheManager(64, 64))
+        request = SpanRequest(0, 1, SpanInputs(torch.zeros(1, 1, 8), torch.zeros(1, 1, dtype=torch.long), None, None))
         times = []
         for _ in range(2000):
             began = time.perf_counter()
-            await scheduler.run(0, 1, inputs, inference=False)
+            await engine.forward(request)
             times.append(time.perf_counter() - began)
-        scheduler.shutdown()
+        engine.shutdown()
         return statistics.median(times[200:])
 
-    print(f"server: asyncio loop -> compute thread -> loop: {asyncio.run(scheduler_round_trip()) * 1e6:6.1f} us")
+    print(f"server: asyncio loop -> compute thread -> loop: {asyncio.run(engine_round_trip()) * 1e6:6.1f} us")
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()

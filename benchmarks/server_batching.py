@@ -1,6 +1,11 @@
-"""One server's aggregate decode throughput with 1, 8 and 32 concurrent sessions (continuous batching in the
-compute thread), and weight quantization (int8 / nf4) against the unquantized dtype: memory per block, decode
-speed and greedy agreement. Runs in one process through the server's own scheduler and blocks (no network).
+"""One server's aggregate decode throughput with 1, 8 and 32 concurrent sessions (the engine's continuous
+batching: the steps of concurrent sessions run as one forward over its paged KV memory), and weight quantization
+(int8 / nf4) against the unquantized dtype: memory per block, decode speed and greedy agreement. Runs in one
+process through the server's own engine (server/engine.py) and blocks (no network): each session reserves its
+pages in the KV memory (`Engine.reserve`), then submits its steps with `Engine.step`, every one through the
+engine's compute thread (never `alone`, so a lone session is not run on the loop's thread as a CPU server would).
+On a GPU, decode steps are replayed from CUDA graphs as on a server (`--no-graphs`: the ordinary way); each
+session count gets a short warm-up run first, so that the graphs of its batch sizes are captured before timing.
 
     python benchmarks/server_batching.py --device cuda --preset 1b     # a 1.1B Llama shape, bf16 (GPU)
     python benchmarks/server_batching.py --device cpu --preset tiny    # the anchor's tiny-llama shape (CPU)
@@ -28,8 +33,9 @@ from transformers import LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from corolla.models.spec import SpanInputs, family_for  # noqa: E402
 from corolla.server.backend import BlockBackend  # noqa: E402
+from corolla.server.cache import CacheManager  # noqa: E402
+from corolla.server.engine import Engine, EngineStats, Step  # noqa: E402
 from corolla.server.quantize import block_bytes, quantize_blocks  # noqa: E402
-from corolla.server.scheduler import Scheduler  # noqa: E402
 
 PRESETS = {
     # TinyLlama-1.1B's shape: 22 blocks, hidden 2048, GQA 32/4 heads.
@@ -43,7 +49,12 @@ PRESETS = {
 }
 
 
-def build(preset: str, device: torch.device, dtype: torch.dtype, quant: str, seed: int = 0):
+PAGE_TOKENS = 64  # the server's default (CacheManager)
+AGREEMENT_PROMPTS = 8  # sessions of the greedy-agreement runs
+
+
+def build(preset: str, device: torch.device, dtype: torch.dtype, quant: str, seed: int = 0,
+          cuda_graphs: bool = True):
     config = LlamaConfig(**PRESETS[preset], max_position_embeddings=4096, rms_norm_eps=1e-5)
     config._attn_implementation = "sdpa"
     spec = family_for(config)
@@ -58,7 +69,7 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, quant: str, see
         blocks.append(block.eval().requires_grad_(False).to("cpu" if quant != "none" else device))
     blocks = quantize_blocks(blocks, quant, device, dtype)
     helpers = {name: m.to(device) for name, m in spec.make_span_helpers(config).items()}
-    backend = BlockBackend(config, spec, blocks, helpers, 0, device, dtype)
+    backend = BlockBackend(config, spec, blocks, helpers, 0, device, dtype, cuda_graphs=cuda_graphs)
     embed = nn.Embedding(config.vocab_size, config.hidden_size).to(device, dtype)
     head = nn.Linear(config.hidden_size, config.vocab_size, bias=False).to(device, dtype)
     nn.init.normal_(embed.weight, std=1.0)
@@ -71,71 +82,87 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-async def session(scheduler, backend, embed, head, prompt, new_tokens, device):
-    """Greedy decoding of one sequence through the scheduler; returns its tokens and decode step times."""
-    cache = backend.new_cache()
-    n = backend.end
-    with torch.inference_mode():
-        hidden = embed(prompt.to(device)).cpu()
-    out = await scheduler.run(0, n, SpanInputs(hidden, torch.arange(prompt.shape[1])[None], None, cache), True)
-    tokens = []
-    for step in range(new_tokens):
+def make_engine(backend, sessions: int, tokens: int) -> Engine:
+    """An engine over the whole backend whose KV memory holds `sessions` sessions of `tokens` tokens at once."""
+    pages = -(-tokens // PAGE_TOKENS)
+    return Engine(backend, CacheManager(sessions * pages * PAGE_TOKENS, PAGE_TOKENS), max_batch=64)
+
+
+async def step(engine, state, start: int, hidden: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(start, start + hidden.shape[1])[None]
+    return await engine.step(Step(state, start, SpanInputs(hidden, positions, None, None)))
+
+
+async def session(engine, embed, head, prompt, new_tokens, device):
+    """Greedy decoding of one sequence through the engine; returns its tokens."""
+    backend = engine.backend
+    state = engine.open(0, backend.end, 1, prompt.shape[1] + new_tokens)
+    try:
+        await engine.reserve(state, prompt.shape[1] + new_tokens, timeout=0)
         with torch.inference_mode():
-            token = head(out[:, -1:].to(device)).argmax(-1)
-            tokens.append(int(token))
-            hidden = embed(token).cpu()
-        out = await scheduler.run(0, n, SpanInputs(hidden, torch.tensor([[prompt.shape[1] + step]]), None, cache), True)
-    return tokens
+            hidden = embed(prompt.to(device)).cpu()
+        out = await step(engine, state, 0, hidden)
+        tokens = []
+        for index in range(new_tokens):
+            with torch.inference_mode():
+                token = head(out[:, -1:].to(device)).argmax(-1)
+                tokens.append(int(token))
+                hidden = embed(token).cpu()
+            out = await step(engine, state, prompt.shape[1] + index, hidden)
+        return tokens
+    finally:
+        await engine.close(state)
 
 
-async def timed_session(scheduler, backend, prompt_len, new_tokens, barrier, seed):
+async def timed_session(engine, prompt_len, new_tokens, barrier, go, seed):
     """Server-side load only: random activations in, so the clients' embeddings and LM head cost nothing here.
-    Every session prefills first; the decode phase is timed from the barrier on."""
+    Every session prefills first (then meets the others at the barrier); the decode phase starts at `go`."""
+    backend = engine.backend
     generator = torch.Generator().manual_seed(seed)
-    width, n = backend.config.hidden_size, backend.end
-    cache = backend.new_cache()
-    prompt = torch.randn(1, prompt_len, width, generator=generator).to(backend.dtype)
-    await scheduler.run(0, n, SpanInputs(prompt, torch.arange(prompt_len)[None], None, cache), True)
-    steps = [torch.randn(1, 1, width, generator=generator).to(backend.dtype) for _ in range(new_tokens)]
-    await barrier.wait()
-    for step, hidden in enumerate(steps):
-        await scheduler.run(0, n, SpanInputs(hidden, torch.tensor([[prompt_len + step]]), None, cache), True)
+    width = backend.config.hidden_size
+    state = engine.open(0, backend.end, 1, prompt_len + new_tokens)
+    try:
+        await engine.reserve(state, prompt_len + new_tokens, timeout=0)
+        prompt = torch.randn(1, prompt_len, width, generator=generator).to(backend.dtype)
+        await step(engine, state, 0, prompt)
+        steps = [torch.randn(1, 1, width, generator=generator).to(backend.dtype) for _ in range(new_tokens)]
+        await barrier.wait()
+        await go.wait()
+        for index, hidden in enumerate(steps):
+            await step(engine, state, prompt_len + index, hidden)
+    finally:
+        await engine.close(state)
 
 
-def decode_throughput(backend, sessions: int, prompt_len: int, new_tokens: int, device):
-    """Aggregate decode tokens/s of `sessions` concurrent sessions, and the scheduler's batching stats."""
+def decode_throughput(engine, sessions: int, prompt_len: int, new_tokens: int, device):
+    """Aggregate decode tokens/s of `sessions` concurrent sessions, and the engine's batching stats of the decode
+    phase (the prefills, which the engine may batch too, are not counted)."""
 
     async def main():
-        scheduler = Scheduler(backend, max_batch=64)
-        barrier = asyncio.Barrier(sessions + 1)
-        try:
-            tasks = [asyncio.ensure_future(timed_session(scheduler, backend, prompt_len, new_tokens, barrier, i))
-                     for i in range(sessions)]
-            await barrier.wait()
-            began = time.perf_counter()
-            await asyncio.gather(*tasks)
-            sync(device)
-            return sessions * new_tokens / (time.perf_counter() - began), scheduler.stats
-        finally:
-            scheduler.shutdown()
+        barrier, go = asyncio.Barrier(sessions + 1), asyncio.Event()
+        tasks = [asyncio.ensure_future(timed_session(engine, prompt_len, new_tokens, barrier, go, i))
+                 for i in range(sessions)]
+        await barrier.wait()
+        engine.stats = EngineStats()  # every prefill is done: from here on, decode steps only
+        began = time.perf_counter()
+        go.set()
+        await asyncio.gather(*tasks)
+        sync(device)
+        return sessions * new_tokens / (time.perf_counter() - began), engine.stats
 
     return asyncio.run(main())
 
 
-def concurrent_decode(backend, embed, head, sessions: int, prompt_len: int, new_tokens: int, device):
+def concurrent_decode(engine, embed, head, sessions: int, prompt_len: int, new_tokens: int, device):
     prompts = [torch.randint(0, 32000, (1, prompt_len), generator=torch.Generator().manual_seed(i))
                for i in range(sessions)]
 
     async def main():
-        scheduler = Scheduler(backend, max_batch=64)
-        try:
-            began = time.perf_counter()
-            results = await asyncio.gather(*(session(scheduler, backend, embed, head, p, new_tokens, device)
-                                             for p in prompts))
-            sync(device)
-            return results, time.perf_counter() - began, scheduler.stats
-        finally:
-            scheduler.shutdown()
+        engine.stats = EngineStats()
+        began = time.perf_counter()
+        results = await asyncio.gather(*(session(engine, embed, head, p, new_tokens, device) for p in prompts))
+        sync(device)
+        return results, time.perf_counter() - began, engine.stats
 
     return asyncio.run(main())
 
@@ -149,6 +176,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--quant", nargs="*", default=None, help="quantizations to compare (default: GPU int8 nf4)")
+    parser.add_argument("--no-graphs", action="store_true", help="GPU: run decode steps the ordinary way, not from "
+                        "CUDA graphs (the server's default)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -157,36 +186,45 @@ def main() -> None:
     quants = args.quant if args.quant is not None else (["int8", "nf4"] if device.type == "cuda" else ["int8"])
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "preset": args.preset, "dtype": str(dtype), "batching": [], "quant": []}
+    graphs = not args.no_graphs
+    session_tokens = args.prompt + args.new_tokens
+    warm_up_tokens = min(4, args.new_tokens)
 
-    config, backend, embed, head = build(args.preset, device, dtype, "none")
+    config, backend, embed, head = build(args.preset, device, dtype, "none", cuda_graphs=graphs)
+    report["cuda_graphs"] = backend.cuda_graphs
     params = sum(p.numel() for b in backend.blocks for p in b.parameters()) + 2 * 32000 * config.hidden_size
     report["params"] = params
-    decode_throughput(backend, 2, args.prompt, 4, device)  # warm-up
+    engine = make_engine(backend, max(*args.sessions, AGREEMENT_PROMPTS), session_tokens)
     for n in args.sessions:
-        rate, stats = decode_throughput(backend, n, args.prompt, args.new_tokens, device)
+        decode_throughput(engine, n, args.prompt, warm_up_tokens, device)  # warm-up (captures this size's graphs)
+        rate, stats = decode_throughput(engine, n, args.prompt, args.new_tokens, device)
         report["batching"].append({"sessions": n, "tokens_per_s": rate, "largest_batch": stats.largest_batch,
-                                   "forwards": stats.steps})
+                                   "forwards": stats.forwards, "batched_requests": stats.batched_requests,
+                                   "graph_steps": stats.graph_steps})
         print(f"{n:>3} sessions: {rate:8.1f} decode tokens/s aggregate (largest batch {stats.largest_batch})",
               flush=True)
     reference = report["batching"][0]["tokens_per_s"]
     for row in report["batching"]:
         row["vs_1_session"] = row["tokens_per_s"] / reference
 
-    agreement_prompts = 8
-    alone, _, _ = concurrent_decode(backend, embed, head, agreement_prompts, args.prompt, args.new_tokens, device)
+    agreement_prompts = AGREEMENT_PROMPTS
+    alone, _, _ = concurrent_decode(engine, embed, head, agreement_prompts, args.prompt, args.new_tokens, device)
     base_bytes = statistics.mean(block_bytes(b) for b in backend.blocks)
     report["quant"].append({"quant": "none", "bytes_per_block": base_bytes, "tokens_per_s_1_session": reference,
                             "greedy_agreement": 1.0})
-    del backend
+    engine.shutdown()
+    del backend, engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
     for quant in quants:
-        _, qbackend, _, _ = build(args.preset, device, dtype, quant)
+        _, qbackend, _, _ = build(args.preset, device, dtype, quant, cuda_graphs=graphs)
+        qengine = make_engine(qbackend, agreement_prompts, session_tokens)
         qbytes = statistics.mean(block_bytes(b) for b in qbackend.blocks)
-        decode_throughput(qbackend, 1, args.prompt, 4, device)
-        qrate, _ = decode_throughput(qbackend, 1, args.prompt, args.new_tokens, device)
-        quantized, _, _ = concurrent_decode(qbackend, embed, head, agreement_prompts, args.prompt, args.new_tokens,
+        decode_throughput(qengine, 1, args.prompt, warm_up_tokens, device)
+        qrate, _ = decode_throughput(qengine, 1, args.prompt, args.new_tokens, device)
+        quantized, _, _ = concurrent_decode(qengine, embed, head, agreement_prompts, args.prompt, args.new_tokens,
                                             device)
+        qengine.shutdown()
         same = sum(a == b for x, y in zip(alone, quantized) for a, b in zip(x, y))
         # Agreement until the first difference is what a user sees: after it, the texts diverge.
         prefix = statistics.mean(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
@@ -195,7 +233,7 @@ def main() -> None:
                                 "tokens_per_s_1_session": qrate,
                                 "greedy_agreement": same / (agreement_prompts * args.new_tokens),
                                 "greedy_prefix_agreement": prefix})
-        del qbackend
+        del qbackend, qengine
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
