@@ -10,7 +10,6 @@ runs the remote blocks through an autograd function (client/training.py), so `lo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -78,6 +77,47 @@ class RemoteSessionCache(Cache):
         session.rollback_to(min(session.position, max(session.prefix_tokens, kept)))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Generated:
+    """What the last `generate()` in a session left, so that the next one can continue from it (Petals' way)."""
+
+    sequences: torch.Tensor  # every token of the session so far (the last one not yet sent to the servers)
+    attention_mask: torch.Tensor | None  # for `sequences`; None when all ones
+    position: int  # the session's position when that generate() returned; any other means it moved since
+    beams: int  # beam search leaves beams in the servers' caches, not the returned rows: not continuable
+
+
+class ModelInferenceSession(InferenceSession):
+    """An InferenceSession opened by a model: as a context manager it is the model's active session in the
+    calling thread; it also remembers the tokens of its last `generate()` (`output_ids`, as in Petals)."""
+
+    def __init__(self, model: "DistributedModelForCausalLM", *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._model = model
+        self._generated: _Generated | None = None
+        self._entered_local: threading.local | None = None
+
+    @property
+    def output_ids(self) -> torch.Tensor | None:
+        """Every token of this session's generate() calls so far (None before the first one)."""
+        return self._generated.sequences if self._generated is not None else None
+
+    def __enter__(self) -> "ModelInferenceSession":
+        local = self._model._local
+        if self._model.active_session is not None:
+            raise CorollaError("an inference session is already active in this thread")
+        if self.closed:
+            raise CorollaError("this inference session is closed")
+        local.session, self._entered_local = self, local
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._entered_local is not None and getattr(self._entered_local, "session", None) is self:
+            self._entered_local.session = None
+        self._entered_local = None
+        self.close()
+
+
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     """Causal LM with remote blocks. Build it with `AutoDistributedModelForCausalLM.from_pretrained`."""
 
@@ -98,8 +138,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.remote_training = RemoteTraining(self.remote)
         self._local = threading.local()  # the active inference session, per calling thread
         self.tuning: Tuning | None = None  # trainable prompts / LoRA weights (enable_tuning, load_tuning)
-        self.active_adapter: str | None = None  # a LoRA adapter hosted by servers, used by every request
+        self.active_adapter = None  # a LoRA adapter hosted by servers, used by every request (on the config)
         self._head_pool: ThreadPoolExecutor | None = None  # the LM head's second thread (_two_thread_linear)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The LoRA adapter hosted by servers that every request uses; kept on the config, where Petals has it
+        (`model.config.active_adapter`)."""
+        return getattr(self.config, "active_adapter", None)
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        self.config.active_adapter = name
 
     # -- transformers plumbing -----------------------------------------------------------------------------
 
@@ -181,25 +231,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         session = getattr(self._local, "session", None)
         return session if session is not None and not session.closed else None
 
-    @contextlib.contextmanager
-    def inference_session(self, max_length: int, batch_size: int = 1, active_adapter: str | None = None):
-        """Open a session whose caches live on the servers; `forward` and `generate` inside it continue it.
+    def inference_session(self, max_length: int, batch_size: int = 1,
+                          active_adapter: str | None = None) -> "ModelInferenceSession":
+        """A session whose caches live on the servers. `with model.inference_session(...) as session:` makes it the
+        active one in this thread (`forward` and `generate` inside continue it) and closes it at the end; without
+        `with`, pass it as `generate(..., session=session)` and `close()` it yourself (Petals allows both).
 
         `max_length` counts the caller's tokens (prompt-tuning positions are added). `active_adapter`: a LoRA adapter
         hosted by servers for this session (default: the model's `active_adapter`)."""
-        if self.active_session is not None:
-            raise CorollaError("an inference session is already active in this thread")
         extras = self._extras(batch_size)
         if active_adapter is not None:
             extras = dataclasses.replace(extras, adapter=active_adapter)
         prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
-        session = InferenceSession(self.swarm, max_length=max_length + prefix, batch_size=batch_size, extras=extras)
-        self._local.session = session
-        try:
-            yield session
-        finally:
-            self._local.session = None
-            session.close()
+        return ModelInferenceSession(self, self.swarm, max_length=max_length + prefix, batch_size=batch_size,
+                                     extras=extras)
 
     # -- forward / generate -----------------------------------------------------------------------------------
 
@@ -243,12 +288,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
-    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
+                 **kwargs):
+        """transformers' generate over the swarm. In an inference session (the active one, or `session=`), as in
+        Petals: the first call gets the whole prompt; each later call continues from the session's last generated
+        token, `inputs` (optional) being new tokens to append, and returns only this call's tokens."""
         if kwargs.get("cache") is not None:
+            if session is not None:
+                raise CorollaError("generate() got both cache= and session=; give one")
             return super().generate(inputs, *args, **kwargs)
-        session = self.active_session
+        session = session if session is not None else self.active_session
         if session is not None:
-            return super().generate(inputs, *args, cache=RemoteSessionCache(session), **kwargs)
+            return self._generate_in_session(session, inputs, args, kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if ids is None:
             raise CorollaError("generate() outside an inference session needs input_ids")
@@ -260,7 +311,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         elif config.max_new_tokens is not None:
             max_length = ids.shape[1] + config.max_new_tokens
         else:
-            max_length = config.max_length
+            max_length = config.max_length or ids.shape[1] + _DEFAULT_NEW_TOKENS
         # Speculative decoding verifies drafts past the final length before rolling back to the accepted tokens.
         if kwargs.get("prompt_lookup_num_tokens") or kwargs.get("assistant_model") is not None:
             max_length += (kwargs.get("prompt_lookup_num_tokens") or config.num_assistant_tokens or 20) + 1
@@ -268,6 +319,66 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                      kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
         with self.inference_session(max_length=max_length, batch_size=ids.shape[0] * expand) as session:
             return super().generate(inputs, *args, cache=RemoteSessionCache(session), **kwargs)
+
+    def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor | None, args: tuple,
+                             kwargs: dict):
+        if session.closed:
+            raise CorollaError("this inference session is closed")
+        ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        held = session.position - session.prefix_tokens
+        generated: _Generated | None = getattr(session, "_generated", None)
+        if generated is not None and generated.position != session.position:
+            generated = None  # forward(), step() or rollback_to() moved the session since: its tokens are unknown
+        if held > 0 and generated is None:
+            # Tokens sent by forward()/step(): `inputs` must then be the whole sequence (only the rest is sent).
+            if ids is None and kwargs.get("inputs_embeds") is None:
+                raise CorollaError(
+                    f"generate() without inputs continues from the last generate() in this session, but the "
+                    f"session's {held} tokens were sent by forward()/step() since; pass input_ids holding the whole "
+                    f"sequence so far plus the new tokens")
+            if ids is not None and ids.shape[1] <= held:
+                raise CorollaError(
+                    f"the session already holds {held} tokens and generate() got {ids.shape[1]}: after forward()/"
+                    f"step() calls, input_ids must hold the whole sequence so far plus at least one new token")
+        previous = 0
+        if generated is not None and held > 0:
+            if generated.beams > 1:
+                raise CorollaError("generate() cannot continue a session after beam search (the servers' caches "
+                                   "hold the beams, not the returned sequences); open a new session")
+            if kwargs.get("inputs_embeds") is not None:
+                raise CorollaError("continuing a session's generate() takes input_ids, not inputs_embeds")
+            if (kwargs.get("num_beams") or 1) > 1:
+                raise CorollaError("generate() cannot continue a session with beam search: the session's caches "
+                                   "hold one row per sequence; open a new session")
+            sequences = generated.sequences
+            if ids is not None and ids.shape[0] != sequences.shape[0]:
+                raise CorollaError(f"the session's sequences have {sequences.shape[0]} rows; the new input_ids "
+                                   f"have {ids.shape[0]}")
+            previous = sequences.shape[1]
+            new = ids.to(sequences.device) if ids is not None else sequences[:, :0]
+            mask = kwargs.get("attention_mask")
+            if mask is not None or generated.attention_mask is not None:
+                old = generated.attention_mask if generated.attention_mask is not None else torch.ones_like(sequences)
+                mask = mask if mask is not None else torch.ones_like(new)
+                kwargs["attention_mask"] = torch.cat([old, mask.to(old.device, old.dtype)], dim=1)
+            ids = torch.cat([sequences, new], dim=1)
+        result = super().generate(ids, *args, cache=RemoteSessionCache(session), **kwargs)
+        sequences = result if isinstance(result, torch.Tensor) else result.sequences
+        config: GenerationConfig = kwargs.get("generation_config") or self.generation_config
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if bool(mask.all()):
+                mask = None
+            else:  # generated tokens (pads after an EOS included) were sent as ordinary tokens
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], sequences.shape[1] - mask.shape[1])], dim=1)
+        session._generated = _Generated(sequences, mask, session.position,
+                                        kwargs.get("num_beams") or config.num_beams or 1)
+        if previous == 0:
+            return result
+        if isinstance(result, torch.Tensor):
+            return result[:, previous:]
+        result.sequences = sequences[:, previous:]
+        return result
 
     def _get_candidate_generator(self, generation_config: GenerationConfig, *args, **kwargs):
         """transformers' hook for speculative decoding's drafts: prompt lookup (`prompt_lookup_num_tokens`) gets
@@ -339,6 +450,57 @@ def _lay_out_lm_head(parts: dict[str, nn.Module], spec: FamilySpec, layout: str)
         logger.info("LM head weight layout: %s", timing.describe())
 
 
+_DEFAULT_NEW_TOKENS = 20  # what transformers generates where neither the call nor the model's config says
+
+_ANY, _NEVER = object(), object()
+# transformers' from_pretrained arguments that change nothing here, with the values that keep it so.
+_HARMLESS_KWARGS = {
+    "low_cpu_mem_usage": _ANY,  # any value: the client always reads only its own parts' tensors
+    "trust_remote_code": False,  # Corolla runs no repository code (True is refused below)
+    "use_safetensors": True,  # Corolla reads safetensors only (False is refused below)
+    "local_files_only": True,  # the model is a local directory
+    "device_map": "cpu",  # the client's parts stay on the CPU; the blocks run on the servers
+}
+# Those that mean nothing here (or need what Corolla does not do), with why.
+_REFUSED_KWARGS = {
+    "trust_remote_code": "Corolla runs only the model families it implements (docs/models.md), never a "
+                         "repository's own code",
+    "use_safetensors": "Corolla reads only *.safetensors checkpoints",
+    "local_files_only": "from_pretrained reads a local model directory (see `corolla hub` for the offline hub)",
+    "device_map": "the decoder blocks run on the servers and the client's embeddings and head stay on the CPU",
+    "max_memory": "the decoder blocks run on the servers; the client holds only the embeddings and the head",
+    "offload_folder": "the decoder blocks run on the servers; the client holds only the embeddings and the head",
+    "quantization_config": "quantization is the servers' choice (`corolla server --quant`)",
+    "load_in_8bit": "quantization is the servers' choice (`corolla server --quant int8`)",
+    "load_in_4bit": "quantization is the servers' choice (`corolla server --quant`)",
+    "attn_implementation": "attention runs on the servers, which pin one implementation per family so every "
+                           "peer computes alike",
+    "config": "the config is read from the model directory (servers and clients must share it: it is hashed "
+              "into the model's id in the swarm)",
+    "revision": "from_pretrained reads a local model directory; Hub downloads are not supported here",
+    "cache_dir": "from_pretrained reads a local model directory; Hub downloads are not supported here",
+    "token": "from_pretrained reads a local model directory; Hub downloads are not supported here",
+    "use_auth_token": "from_pretrained reads a local model directory; Hub downloads are not supported here",
+    "force_download": "from_pretrained reads a local model directory; Hub downloads are not supported here",
+    "subfolder": "give the model directory itself",
+    "output_loading_info": "the client loads only its own parts; there is no loading info to return",
+    "return_unused_kwargs": "unknown keyword arguments are refused, not returned",
+    "tp_plan": "the decoder blocks run on the servers, split by blocks, not by tensor parallelism",
+}
+
+
+def _check_transformers_kwargs(kwargs: dict) -> None:
+    """Refuse transformers' keyword arguments that mean nothing here, by name and why; unknown ones as Python
+    would (never swallowed, so a typo does not go unnoticed)."""
+    for name, value in kwargs.items():
+        known = name in _HARMLESS_KWARGS or name in _REFUSED_KWARGS
+        if known and (value is None or _HARMLESS_KWARGS.get(name, _NEVER) in (_ANY, value)):
+            continue  # None is transformers' "not given"
+        if name in _REFUSED_KWARGS:
+            raise CorollaError(f"from_pretrained({name}={value!r}) is not supported: {_REFUSED_KWARGS[name]}")
+        raise TypeError(f"from_pretrained() got an unexpected keyword argument {name!r}")
+
+
 class AutoDistributedModelForCausalLM:
     """Entry point, shaped like transformers' Auto classes."""
 
@@ -349,14 +511,26 @@ class AutoDistributedModelForCausalLM:
                         network: NetworkConfig | None = None, tuning_mode: str | None = None,
                         pre_seq_len: int = 0, lora: LoraSettings | None = None, tuned: str | Path | None = None,
                         active_adapter: str | None = None, hub_dir: str | Path | None = None,
-                        seed: int | None = None) -> DistributedModelForCausalLM:
+                        seed: int | None = None, torch_dtype: torch.dtype | str | None = None,
+                        **transformers_kwargs) -> DistributedModelForCausalLM:
         """Load the client-side parts of a local model directory and join the swarm through `initial_peers`.
 
         `model_name` must match the servers' (default: the directory's name, as servers default to).
         Fine-tuning: `tuning_mode` "ptune" / "deep_ptune" (with `pre_seq_len`) or "lora" (with `lora` settings) adds
         trainable parameters (`seed` for their initialisation); `tuned` loads saved ones (a directory or a repo id
         in the offline hub at `hub_dir`); `active_adapter` uses a LoRA adapter that servers host.
+
+        transformers' names: `torch_dtype` is `dtype`'s old name, `"auto"` the checkpoint's dtype; its other keyword
+        arguments are accepted where harmless (_HARMLESS_KWARGS) and refused, saying why, where they mean nothing
+        here (_REFUSED_KWARGS).
         """
+        _check_transformers_kwargs(transformers_kwargs)
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise CorollaError("from_pretrained got both dtype and torch_dtype (its old name); give one")
+            dtype = torch_dtype
+        if dtype == "auto":
+            dtype = None
         config = load_config(model_dir)
         if isinstance(dtype, str):
             if dtype not in DTYPES:

@@ -305,6 +305,10 @@ class InferenceSession:
             raise CorollaError(f"the session was opened for batch_size={self.batch_size}, got a batch of {batch}")
         if start + tokens > self.max_length:
             raise CorollaError(f"session max_length={self.max_length} exceeded: {start} + {tokens} tokens")
+        if tokens == 0:  # nothing for the servers to compute (Petals allows empty steps)
+            if start < self.position:
+                self.rollback_to(start)  # as a step from `start` would: the tokens after it are dropped
+            return hidden.clone()
         if position_ids is None:
             position_ids = torch.arange(start, start + tokens).unsqueeze(0).expand(batch, -1)
         past = self._positions[:, :start] if self._positions is not None else position_ids[:, :0]
