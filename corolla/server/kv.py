@@ -1,4 +1,4 @@
-"""The engine's KV memory: one arena per layer of keys and one of values, [pages x page_tokens, kv_heads, head_dim],
+"""The engine's KV memory: one arena per layer of keys and one of values, [kv_heads, pages x page_tokens, head_dim],
 and the cache object transformers' decoder layers see while the engine runs a step.
 
 A session's tokens live in the pages its Allocation lists (server/cache.py). A step tells the layers where to write
@@ -54,12 +54,13 @@ class PagedLayer(CacheLayerMixin):
         keys, values = self.store.arenas(self.index, key_states)
         step = self.store.step
         rows, heads, new, width = key_states.shape
-        keys.index_copy_(0, step.write, key_states.transpose(1, 2).reshape(rows * new, heads, width))
-        values.index_copy_(0, step.write, value_states.transpose(1, 2).reshape(rows * new, heads, width))
+        keys.index_copy_(1, step.write, key_states.transpose(0, 1).reshape(heads, rows * new, width))
+        values.index_copy_(1, step.write, value_states.transpose(0, 1).reshape(heads, rows * new, width))
         length = step.read.shape[1]
         flat = step.read.reshape(-1)
-        return (keys.index_select(0, flat).view(rows, length, heads, width).transpose(1, 2),
-                values.index_select(0, flat).view(rows, length, heads, width).transpose(1, 2))
+        # [heads, rows x length, width] -> [rows, heads, length, width]: contiguous for one row (a lone session)
+        return (keys.index_select(1, flat).view(heads, rows, length, width).transpose(0, 1),
+                values.index_select(1, flat).view(heads, rows, length, width).transpose(0, 1))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.store.step.past + query_length, 0
@@ -87,7 +88,7 @@ class KVStore:
     def arenas(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self._keys.get(index)
         if keys is None:
-            shape = (self.tokens, like.shape[1], like.shape[3])
+            shape = (like.shape[1], self.tokens, like.shape[3])  # heads first: a lone row's gather is contiguous
             keys = self._keys[index] = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self._values[index] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return keys, self._values[index]
@@ -100,4 +101,4 @@ class KVStore:
         """Copy the tokens at flat indices `source` to `target` in every layer (a beam reorder)."""
         for arenas in (self._keys, self._values):
             for arena in arenas.values():
-                arena.index_copy_(0, target, arena.index_select(0, source))
+                arena.index_copy_(1, target, arena.index_select(1, source))
