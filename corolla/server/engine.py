@@ -377,8 +377,8 @@ class Engine:
             if step.reorder is not None:
                 self._reorder(step)
         wire_dtype = steps[0].inputs.hidden.dtype
-        hidden = torch.cat([step.inputs.hidden for step in steps]).to(device, backend.dtype)
-        positions = torch.cat([step.inputs.position_ids for step in steps]).to(device)
+        hidden = _joined([step.inputs.hidden for step in steps]).to(device, backend.dtype)
+        positions = _joined([step.inputs.position_ids for step in steps]).to(device)
         if self.graphs is not None and self.graphs.eligible(steps):
             self.stats.graph_steps += 1
             output = self.graphs.run(steps, hidden, positions, self._slots(steps))
@@ -420,9 +420,9 @@ class Engine:
         slots = self._slots(steps)
         lengths = [start + new for start in starts]
         longest = max(lengths)
-        write = torch.cat([rows[:, start:start + new].reshape(-1) for rows, start in zip(slots, starts)])
+        write = _joined([rows[:, start:start + new].reshape(-1) for rows, start in zip(slots, starts)])
         if all(length == longest for length in lengths):
-            read = torch.cat([rows[:, :longest] for rows in slots])
+            read = _joined([rows[:, :longest] for rows in slots])
             if mask is None and len(steps) == 1 and steps[0].inputs.attention_mask is not None:
                 mask = steps[0].inputs.attention_mask.to(self.backend.device)
             if mask is not None:
@@ -449,6 +449,11 @@ class Engine:
         with self._wake:
             self._stopping = True
             self._wake.notify()
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along dim 0; a lone one as it is (most steps on a CPU server: no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _set_result(future: asyncio.Future, value) -> None:

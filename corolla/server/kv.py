@@ -93,10 +93,6 @@ class KVStore:
             self._values[index] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return keys, self._values[index]
 
-    @property
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self._keys.values(), *self._values.values()))
-
     def copy_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
         """Copy the tokens at flat indices `source` to `target` in every layer (a beam reorder)."""
         for arenas in (self._keys, self._values):
