@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from corolla.errors import BadRequestError, CacheFullError
 from corolla.models.checkpoint import load_blocks, load_config, make_span_helpers
@@ -18,18 +19,20 @@ from corolla.server.backend import BlockBackend
 from corolla.server.cache import CacheManager
 from corolla.server.engine import Engine, SpanRequest, Step
 from corolla.server.graphs import BatchGraphs
+from corolla.server.quantize import quantize_blocks
 from tiny_models import FAMILY_CONFIGS, make_family, make_tiny_llama
 
 TOLERANCE = 1e-5
 
 
 def make_engine(model_dir, start, end, graphs=False, total_tokens=480, page_tokens=8, thread=False, device="cpu",
-                dtype=torch.float32, capture=False):
+                dtype=torch.float32, capture=False, quant="none"):
     """An engine over blocks [start, end); graphs=True: steps go through the graph path (captured with capture=True
-    on a GPU, else run eagerly from the graphs' buffers)."""
+    on a GPU, else run eagerly from the graphs' buffers); quant: the blocks quantized as a server does."""
     config = load_config(model_dir)
     spec = family_for(config)
-    blocks = load_blocks(model_dir, config, start, end, device, dtype)
+    blocks = load_blocks(model_dir, config, start, end, device if quant == "none" else "cpu", dtype)
+    blocks = quantize_blocks(blocks, quant, torch.device(device), dtype)
     backend = BlockBackend(config, spec, blocks, make_span_helpers(spec, config, device, dtype), start,
                            torch.device(device), dtype, cuda_graphs=False)
     engine = Engine(backend, CacheManager(total_tokens, page_tokens), thread=thread)
@@ -207,6 +210,20 @@ def test_random_schedules_for_every_family(models_dir, family):
     checked = run_schedules(engine, range(8), [(1, 4), (1, 3)])
     assert checked > 100
     assert engine.stats.batched_requests > 15
+
+
+@pytest.mark.parametrize("family", [family for family in FAMILY_CONFIGS if family != "llama"])
+def test_graph_path_for_every_family_that_has_one(models_dir, family):
+    """Families whose spec has a static decode (rotary ones with full attention, rotary Falcon) through the graphs'
+    bookkeeping: 4 random schedules each; the others must say they have none."""
+    model = make_family(family, models_dir)
+    config = AutoConfig.from_pretrained(model)
+    static = family_for(config).static_decode
+    if static is None or not static.supports(config, 1, 4):
+        pytest.skip(f"{family}: steps run the ordinary way (no static decode for this span)")
+    engine = make_engine(model, 1, 4, graphs=True)
+    checked = run_schedules(engine, range(4), [(1, 4), (1, 3)])
+    assert checked > 50 and engine.graphs.replays > 20
 
 
 def test_admission_and_bad_steps(tiny_llama):

@@ -113,6 +113,33 @@ def test_graph_replays_equal_the_same_steps_run_eagerly(llama_8b_layers, device)
     assert graphed.graphs.captures == 2  # 3 sessions padded to 4 rows: steps of 1 token and of 4
 
 
+def test_nf4_blocks_replay_graphs_equal_to_their_eager_steps(llama_8b_layers):
+    """bitsandbytes' nf4 layers inside captured graphs (the 180B-class servers' decode path): capture must succeed
+    (no fallback to eager) and replays equal the same steps run directly, bitwise."""
+    from test_engine import make_engine
+
+    settings = dict(device="cuda:0", dtype=torch.bfloat16, total_tokens=4096, page_tokens=64, quant="nf4")
+    eager = make_engine(llama_8b_layers, 1, 4, graphs=True, capture=False, **settings)
+    graphed = make_engine(llama_8b_layers, 1, 4, graphs=True, capture=True, **settings)
+    for step, (want, got) in enumerate(zip(scripted_outputs(eager), scripted_outputs(graphed))):
+        assert torch.equal(got, want), step
+    assert graphed.graphs.capture and graphed.graphs.captures == 2
+
+
+def test_falcon_graph_replays_equal_their_eager_steps(models_dir):
+    """Rotary Falcon (the 180B's family) has a static decode: its replays equal the same steps run directly."""
+    from test_engine import make_engine
+    from tiny_models import make_family
+
+    path = make_family("falcon_new", models_dir)
+    settings = dict(device="cuda:0", dtype=torch.float32, total_tokens=4096, page_tokens=64)
+    eager = make_engine(path, 1, 4, graphs=True, capture=False, **settings)
+    graphed = make_engine(path, 1, 4, graphs=True, capture=True, **settings)
+    for step, (want, got) in enumerate(zip(scripted_outputs(eager), scripted_outputs(graphed))):
+        assert torch.equal(got, want), step
+    assert graphed.graphs.captures == 2
+
+
 @pytest.mark.parametrize("model", ["tiny_llama", "llama_8b_layers"])
 def test_graphs_in_bfloat16_are_as_accurate_as_ordinary_steps(model, request):
     """In bfloat16 the graphs' attention (a masked kernel over a bucket of slots) rounds differently from the

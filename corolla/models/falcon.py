@@ -20,7 +20,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.falcon.modeling_falcon import FalconDecoderLayer, FalconRotaryEmbedding, build_alibi_tensor
 
 from corolla.models.bloom import padding_mask
-from corolla.models.spec import FamilySpec, SpanInputs, register
+from corolla.models.spec import FamilySpec, SpanInputs, StaticDecode, register
 
 
 def run_falcon_span(config: PretrainedConfig, helpers: dict[str, nn.Module], blocks: list[nn.Module],
@@ -41,12 +41,25 @@ def run_falcon_span(config: PretrainedConfig, helpers: dict[str, nn.Module], blo
             bias = alibi.reshape(batch, -1, *alibi.shape[1:])
             mask = torch.masked_fill(bias / math.sqrt(config.hidden_size // config.num_attention_heads),
                                      mask < -1, min_dtype)
+    return _run_layers(helpers, blocks, inputs, alibi, mask)
+
+
+def _run_layers(helpers: dict[str, nn.Module], blocks: list[nn.Module], inputs: SpanInputs, alibi, mask):
+    hidden = inputs.hidden
     position_embeddings = helpers["rotary"](hidden, position_ids=inputs.position_ids)
     for block in blocks:
         hidden = block(hidden, alibi=alibi, attention_mask=mask, position_ids=inputs.position_ids,
                        layer_past=inputs.cache, use_cache=inputs.cache is not None,
                        position_embeddings=position_embeddings)[0]
     return hidden
+
+
+# Rotary Falcon (7B/40B/180B) takes a caller-made boolean mask straight into sdpa, so its steps can be captured in
+# CUDA graphs; ALiBi Falcon folds a bias into the mask, which the graphs' mask does not carry.
+FALCON_STATIC_DECODE = StaticDecode(
+    supports=lambda config, start, end: not config.alibi,
+    run=lambda config, helpers, blocks, first_block, inputs, mask: _run_layers(helpers, blocks, inputs, None, mask),
+)
 
 
 FALCON = register(
@@ -59,5 +72,6 @@ FALCON = register(
         block_prefix="transformer.h.{index}.",
         embeddings_path="transformer.word_embeddings",
         final_norm_path="transformer.ln_f",
+        static_decode=FALCON_STATIC_DECODE,
     )
 )

@@ -49,6 +49,11 @@ class ServerConfig:
     throughput_cache: str | None = field(default=None, metadata={"help": "file of measured speeds (default: "
                                                                          "~/.cache/corolla/throughput.json)"})
     announce_period: float = field(default=10.0, metadata={"help": "seconds between DHT announcements"})
+    synthetic_weights_seed: int | None = field(default=None, metadata={
+        "help": "BENCHMARKS ONLY: ignore the checkpoint's block tensors and build every block from the config with "
+                "random weights of this seed, on the device, one block at a time (quantized as made); the model "
+                "directory needs only config.json. Such a server computes meaningless text, so it announces the "
+                "model as NAME+synthetic<seed>, which normal clients never ask for (corolla/models/synthetic.py)"})
     debug_delay_ms: float = field(default=0.0, metadata={"help": "testing only: add this one-way latency to every "
                                                                  "message received and reply sent (a slow link)"})
     debug_fail_file: str | None = field(default=None, metadata={"help": "testing only: while this file exists, "

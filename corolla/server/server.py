@@ -17,10 +17,11 @@ import torch
 import corolla
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import (DTYPES, Checkpoint, checkpoint_names, config_dtype, load_blocks, load_config,
-                                       make_span_helpers, model_id)
+                                       make_span_helpers, meta_model, model_id)
 from corolla.models.embedded import cache_dir
 from corolla.models.layout import LAYOUTS, choose_layouts
 from corolla.models.spec import family_for
+from corolla.models.synthetic import synthetic_blocks, synthetic_name
 from corolla.net.directory import read_servers
 from corolla.net.messages import BACKWARD_PROTOCOL, FORWARD_PROTOCOL, INFERENCE_PROTOCOL, PUSH_PROTOCOL
 from corolla.net.node import MessageStream, NetworkConfig, Node
@@ -69,6 +70,8 @@ class Server:
         self.spec = family_for(self.model_config)
         self.num_blocks = self.model_config.num_hidden_layers
         name = config.model_name or Path(config.model).resolve().name
+        if config.synthetic_weights_seed is not None:
+            name = synthetic_name(name, config.synthetic_weights_seed)
         self.model_id = model_id(self.model_config, name)
         if config.dtype is not None and config.dtype not in DTYPES:
             raise CorollaError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
@@ -88,9 +91,13 @@ class Server:
 
     def _default_num_blocks(self) -> int:
         """As many blocks as fit the device's free memory, after the attention-cache budget."""
-        checkpoint = Checkpoint(self.config.model)
-        names = checkpoint_names(checkpoint, self.spec.causal_lm_class, [self.spec.block_path(0)])
-        per_block = checkpoint.numel(names) * torch.empty((), dtype=self.dtype).element_size()
+        if self.config.synthetic_weights_seed is not None:  # no block tensors to count: the config's shapes
+            block = meta_model(self.spec, self.model_config, self.dtype).get_submodule(self.spec.block_path(0))
+            numel = sum(p.numel() for p in block.parameters())
+        else:
+            checkpoint = Checkpoint(self.config.model)
+            numel = checkpoint.numel(checkpoint_names(checkpoint, self.spec.causal_lm_class, [self.spec.block_path(0)]))
+        per_block = numel * torch.empty((), dtype=self.dtype).element_size()
         if self.config.quant != "none":
             per_block //= 4 if self.config.quant == "int8" else 7
         kv_heads = getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads
@@ -116,9 +123,18 @@ class Server:
     # ---- loading and serving ----------------------------------------------------------------------------------
 
     def _load(self, start: int, end: int, node: Node) -> Serving:
-        load_device = "cpu" if self.config.quant != "none" else self.device
-        blocks = load_blocks(self.config.model, self.model_config, start, end, load_device, self.dtype, progress=True)
-        blocks = quantize_blocks(blocks, self.config.quant, self.device, self.dtype)
+        if self.config.synthetic_weights_seed is not None:
+            logger.warning("BENCHMARK SERVER: blocks %d:%d get random weights (seed %d), not the checkpoint's",
+                           start, end, self.config.synthetic_weights_seed)
+            blocks = synthetic_blocks(self.model_config, start, end, self.device, self.dtype,
+                                      self.config.synthetic_weights_seed,
+                                      prepare=lambda block: quantize_blocks([block], self.config.quant, self.device,
+                                                                            self.dtype)[0])
+        else:
+            load_device = "cpu" if self.config.quant != "none" else self.device
+            blocks = load_blocks(self.config.model, self.model_config, start, end, load_device, self.dtype,
+                                 progress=True)
+            blocks = quantize_blocks(blocks, self.config.quant, self.device, self.dtype)
         layout = ""
         if self.device.type == "cpu" and self.config.weight_layout != "row":
             layout = f"|layout={self.config.weight_layout}"
@@ -131,8 +147,9 @@ class Server:
         helpers = make_span_helpers(self.spec, self.model_config, self.device, self.dtype)
         backend = BlockBackend(self.model_config, self.spec, blocks, helpers, start, self.device, self.dtype,
                                prefill_chunk=self.config.prefill_chunk_tokens,
-                               # bitsandbytes' layers do host-side work per call, which a graph cannot hold
-                               cuda_graphs=self.config.cuda_graphs and self.config.quant == "none")
+                               # nf4 layers replay from graphs (tests/test_gpu.py); int8 ones (LLM.int8's
+                               # outlier split) do host-side work per call, which a graph cannot hold
+                               cuda_graphs=self.config.cuda_graphs and self.config.quant in ("none", "nf4"))
         cache_file = Path(self.config.throughput_cache or cache_dir() / "throughput.json")
         key = f"{self.model_id}|{self.device}|{torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu'}" \
               f"|{self.dtype}|{self.config.quant}|threads={torch.get_num_threads()}{layout}" \
