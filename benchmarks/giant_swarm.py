@@ -114,6 +114,49 @@ def offloading_bound(config, device: str) -> dict:
     return result
 
 
+def measure_accelerate_offloading(config, args) -> dict:
+    """accelerate's RAM offloading (what `from_pretrained(device_map="auto")` does when the GPU is too small) on the
+    first --offload-layers blocks in bf16: the blocks live in CPU memory and are copied to the GPU for every forward.
+    The whole model (360 GB in bf16) does not fit the machine's memory, so the figure per layer is extrapolated to
+    all layers, and said so."""
+    from accelerate import dispatch_model
+
+    layers = args.offload_layers
+    fields = {("n_layer" if isinstance(config, BloomConfig) else "num_hidden_layers"): layers}
+    small = type(config)(**{**config.to_dict(), **fields})
+    spec = family_for(small)
+    model = meta_model(spec, small, torch.bfloat16)
+    device = torch.device(args.device)
+    blocks = synthetic_blocks(small, 0, layers, device, torch.bfloat16, args.seed, prepare=lambda block: block.cpu())
+    for index, block in enumerate(blocks):
+        parent, _, child = spec.block_path(index).rpartition(".")
+        model.get_submodule(parent)._modules[child] = block
+    generator = torch.Generator(device=device).manual_seed(1)
+    for path in spec.client_paths:
+        module = model.get_submodule(path)
+        module.to_empty(device=device)
+        for name, parameter in module.named_parameters():
+            with torch.no_grad():
+                parameter.normal_(0, 0.02, generator=generator) if parameter.ndim > 1 else parameter.fill_(1.0)
+    model.tie_weights()
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:  # rotary tables: computed by transformers' own init
+            module = model.get_submodule(name.rpartition(".")[0])
+            module.to_empty(device=device)
+            model._init_weights(module)
+    main = (device.index or 0) if device.type == "cuda" else "cpu"  # on CPU: only a check of this code path
+    device_map = {path: main for path in spec.client_paths}
+    device_map.update({spec.block_path(i): "cpu" for i in range(layers)})
+    model = dispatch_model(model, device_map=device_map, main_device=device)
+    ids = torch.randint(5, small.vocab_size, (1, 16), device=device)
+    ms, first_s, _, runs = time_generation(model, ids, args.offload_tokens, 1, warmup_tokens=2)
+    del model, blocks
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(layers=layers, ms_per_token=ms, ms_per_layer=ms / layers,
+                extrapolated_s_per_token=ms / layers * config.num_hidden_layers / 1000, runs_ms=runs)
+
+
 def gpu_memory_by_pid() -> dict[int, float]:
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -262,6 +305,9 @@ def main() -> None:
     parser.add_argument("--cache-tokens", type=int, default=2048)
     parser.add_argument("--no-graphs", action="store_true")
     parser.add_argument("--server-timeout", type=float, default=600)
+    parser.add_argument("--offload-layers", type=int, default=0, help="also measure accelerate's RAM offloading on "
+                                                                       "this many bf16 blocks (0: not measured)")
+    parser.add_argument("--offload-tokens", type=int, default=4)
     parser.add_argument("--workdir", default="/tmp/giant-swarm")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -280,6 +326,12 @@ def main() -> None:
               "checkpoint_s": time.perf_counter() - began, "petals_published": PETALS,
               "offloading": offloading_bound(config, args.device), "runs": []}
     print(json.dumps(report["offloading"], default=str), flush=True)
+    if args.offload_layers:
+        try:
+            report["accelerate_offloading"] = measure_accelerate_offloading(config, args)
+        except Exception as e:  # a failure here must not cost the swarm's tables
+            report["accelerate_offloading"] = {"error": repr(e)}
+        print(f"accelerate offloading: {report['accelerate_offloading']}", flush=True)
     for index, delay in enumerate(args.delays):
         report["runs"].append(run_swarm(config_dir, config, workdir, delay, args, first=index == 0))
         if args.out:
@@ -306,6 +358,7 @@ def print_table(report: dict) -> None:
     print(f"agreement with one process: {first.get('agreement')}")
     print(f"servers: {first.get('servers')}; GPU GiB per server: {first.get('server_gpu_gib')}")
     print(f"offloading: {report['offloading']}")
+    print(f"accelerate offloading: {report.get('accelerate_offloading')}")
 
 
 if __name__ == "__main__":
