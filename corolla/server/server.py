@@ -16,8 +16,9 @@ import torch
 
 import corolla
 from corolla.errors import CorollaError
-from corolla.models.checkpoint import (DTYPES, Checkpoint, checkpoint_names, config_dtype, load_blocks, load_config,
-                                       make_span_helpers, model_id)
+from corolla.models.checkpoint import (DTYPES, config_dtype, load_blocks, load_config, make_span_helpers, meta_model,
+                                       model_id)
+from corolla.models.hub_source import open_model
 from corolla.models.embedded import cache_dir
 from corolla.models.layout import LAYOUTS, choose_layouts
 from corolla.models.spec import family_for
@@ -65,10 +66,13 @@ class Serving:
 class Server:
     def __init__(self, config: ServerConfig, network: NetworkConfig):
         self.config, self.network = config, network
-        self.model_config = load_config(config.model)
+        # A directory, or a Hub repo id of which only config.json and the weight index are fetched now, and the
+        # shards of the blocks when they are chosen (_load).
+        self.source = open_model(config.model, revision=config.revision, cache_dir=config.hub_dir)
+        self.model_config = load_config(self.source.directory)
         self.spec = family_for(self.model_config)
         self.num_blocks = self.model_config.num_hidden_layers
-        name = config.model_name or Path(config.model).resolve().name
+        name = config.model_name or self.source.name
         self.model_id = model_id(self.model_config, name)
         if config.dtype is not None and config.dtype not in DTYPES:
             raise CorollaError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
@@ -88,9 +92,9 @@ class Server:
 
     def _default_num_blocks(self) -> int:
         """As many blocks as fit the device's free memory, after the attention-cache budget."""
-        checkpoint = Checkpoint(self.config.model)
-        names = checkpoint_names(checkpoint, self.spec.causal_lm_class, [self.spec.block_path(0)])
-        per_block = checkpoint.numel(names) * torch.empty((), dtype=self.dtype).element_size()
+        # Counted on the meta model (no file read): a Hub repo's shards are fetched only once the span is chosen.
+        block = meta_model(self.spec, self.model_config, self.dtype).get_submodule(self.spec.block_path(0))
+        per_block = sum(p.numel() for p in block.parameters()) * torch.empty((), dtype=self.dtype).element_size()
         if self.config.quant != "none":
             per_block //= 4 if self.config.quant == "int8" else 7
         kv_heads = getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads
@@ -117,7 +121,8 @@ class Server:
 
     def _load(self, start: int, end: int, node: Node) -> Serving:
         load_device = "cpu" if self.config.quant != "none" else self.device
-        blocks = load_blocks(self.config.model, self.model_config, start, end, load_device, self.dtype, progress=True)
+        model_dir = self.source.fetch_blocks(self.model_config, start, end)
+        blocks = load_blocks(model_dir, self.model_config, start, end, load_device, self.dtype, progress=True)
         blocks = quantize_blocks(blocks, self.config.quant, self.device, self.dtype)
         layout = ""
         if self.device.type == "cpu" and self.config.weight_layout != "row":
