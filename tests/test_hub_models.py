@@ -88,9 +88,18 @@ def cache(models, tmp_path_factory) -> Path:
     return cache
 
 
+def _go_offline(patch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE=1 for this process (huggingface_hub read it at import, so its constant too: transformers
+    then never tries the network) and for the processes it starts."""
+    import huggingface_hub
+
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture
 def offline_cache(cache, monkeypatch) -> Path:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _go_offline(monkeypatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     return cache
 
@@ -232,7 +241,7 @@ def hub_swarm(cache, models, tmp_path_factory):
     shards of its own blocks (--hub-dir)."""
     root = tmp_path_factory.mktemp("server-caches")
     with pytest.MonkeyPatch.context() as patch, LocalSwarm(OUTPUT_DIR / "test_hub_models-swarm") as swarm:
-        patch.setenv("HF_HUB_OFFLINE", "1")
+        _go_offline(patch)
         patch.setenv("HF_HUB_CACHE", str(root / "empty"))  # a server that ignored --hub-dir would fail
         swarm.start_dht()
         servers = []
@@ -249,7 +258,7 @@ def hub_swarm(cache, models, tmp_path_factory):
 def test_a_swarm_of_a_repo_id_generates_as_transformers(hub_swarm, cache, models, monkeypatch, tmp_path):
     from corolla import AutoDistributedModelForCausalLM
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _go_offline(monkeypatch)
     client_cache = _cache_with_only(cache, tmp_path / "client-cache", _shards_of(models["main"], CLIENT_PREFIXES))
     reference = AutoModelForCausalLM.from_pretrained(REPO, cache_dir=cache, local_files_only=True).eval()
     ids = torch.tensor([[1, 17, 250, 3, 99, 42, 7]])
