@@ -4,8 +4,15 @@ parts. No network: HF_HUB_OFFLINE=1 and every cache is a folder of this test."""
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -217,22 +224,136 @@ def test_offline_errors_name_the_repo_revision_and_missing_files(offline_cache, 
         open_model(str(tmp_path / "no" / "such" / "dir"))
 
 
-def test_a_repo_without_safetensors_says_so(offline_cache, tmp_path):
-    folder = tmp_path / "bin-only"
+def _push_bin_only(models: dict[str, Path], hub_dir: Path) -> Path:
+    """`org/bin-only`: the tiny model's config.json with PyTorch weights (pytorch_model.bin) only."""
+    folder = hub_dir.parent / f"{hub_dir.name}-bin-only"
     folder.mkdir()
-    shutil.copy(offline_cache / "models--org--tiny" / "snapshots" / open_model(REPO).commit / "config.json", folder)
+    shutil.copy(models["main"] / "config.json", folder)
     (folder / "pytorch_model.bin").write_bytes(b"not read")
-    snapshot = push(folder, "org/bin-only", hub_dir=offline_cache)
+    return push(folder, "org/bin-only", hub_dir=hub_dir)
+
+
+def test_a_repo_without_safetensors_says_so(offline_cache, models, tmp_path):
+    snapshot = _push_bin_only(models, tmp_path / "cache")
     with pytest.raises(HubError, match=r"missing model\.safetensors\.index\.json or model\.safetensors.*"
                                        r"the cache has pytorch_model\.bin, which Corolla does not read"):
-        open_model("org/bin-only")
+        open_model("org/bin-only", cache_dir=tmp_path / "cache")
     # Where huggingface_hub has recorded that the Hub lacks both files (its .no_exist markers), it is certain.
-    no_exist = offline_cache / "models--org--bin-only" / ".no_exist" / snapshot.name
+    no_exist = tmp_path / "cache" / "models--org--bin-only" / ".no_exist" / snapshot.name
     no_exist.mkdir(parents=True)
     for name in (INDEX_FILE, "model.safetensors"):
         (no_exist / name).touch()
     with pytest.raises(HubError, match="has no safetensors weights .*Corolla reads only \\*.safetensors"):
-        open_model("org/bin-only")
+        open_model("org/bin-only", cache_dir=tmp_path / "cache")
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """The Hub's file API (`/<owner>/<name>/resolve/<revision>/<file>`, HEAD and GET, its headers and error codes)
+    over a Hugging Face cache folder, on 127.0.0.1; every request is logged."""
+
+    hub_dir: Path
+    requests: list[tuple[str, str]]
+
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def do_GET(self):
+        self._answer(body=True)
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, body: bool) -> None:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        self.requests.append((self.command, path))
+        parts = path.split("/")
+        repo = self.hub_dir / f"models--{parts[1]}--{parts[2]}" if len(parts) > 5 else self.hub_dir / "none"
+        if not repo.is_dir() or parts[3] != "resolve":
+            return self._error("RepoNotFound")
+        revision = parts[4]
+        ref = repo / "refs" / revision
+        commit = ref.read_text() if ref.is_file() else revision
+        if not (repo / "snapshots" / commit).is_dir():
+            return self._error("RevisionNotFound")
+        file = repo / "snapshots" / commit / "/".join(parts[5:])
+        if not file.is_file():
+            return self._error("EntryNotFound", commit)
+        data = file.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", commit)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def _error(self, code: str, commit: str | None = None) -> None:
+        self.send_response(404)
+        self.send_header("X-Error-Code", code)
+        if commit:
+            self.send_header("X-Repo-Commit", commit)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+_ONLINE_SCRIPT = """
+import json, sys
+import torch
+from corolla.hub import HubError
+from corolla.models.checkpoint import load_blocks, load_client_parts, load_config
+from corolla.models.hub_source import open_model
+
+server_cache, client_cache, other_cache = sys.argv[1:]
+server = open_model("org/tiny", cache_dir=server_cache)
+config = load_config(server.directory)
+load_blocks(server.fetch_blocks(config, 0, 4), config, 0, 4, "cpu", torch.float32)
+client = open_model("org/tiny", cache_dir=client_cache)
+load_client_parts(client.fetch_client_parts(config), config, torch.float32)
+v2 = open_model("org/tiny", revision="v2", cache_dir=other_cache)
+errors = []
+for repo in ("org/bin-only", "org/absent"):
+    try:
+        open_model(repo, cache_dir=other_cache)
+    except HubError as e:
+        errors.append(str(e))
+print(json.dumps({"server": sorted(p.name for p in server.directory.iterdir()),
+                  "client": sorted(p.name for p in client.directory.iterdir()), "v2": v2.commit, "errors": errors}))
+"""
+
+
+def test_downloads_from_the_hub_fetch_only_what_is_needed(cache, models, tmp_path):
+    """Online, against a fake of the Hub's file API on 127.0.0.1 (HF_ENDPOINT) serving a copy of the test cache:
+    a server of blocks 0..3 downloads only their shards, a client only its parts' shards and the tokenizer."""
+    hub_dir = tmp_path / "hub"
+    shutil.copytree(cache, hub_dir, symlinks=True)
+    _push_bin_only(models, hub_dir)
+    handler = type("Hub", (_FakeHub,), {"hub_dir": hub_dir, "requests": []})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as fake:
+        threading.Thread(target=fake.serve_forever, daemon=True).start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=f"http://127.0.0.1:{fake.server_address[1]}", HF_HUB_DISABLE_TELEMETRY="1",
+                   HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1")
+        caches = [str(tmp_path / name) for name in ("server-cache", "client-cache", "other-cache")]
+        try:
+            result = subprocess.run([sys.executable, "-c", _ONLINE_SCRIPT, *caches], capture_output=True, text=True,
+                                    timeout=120, env=env)
+        finally:
+            fake.shutdown()
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    model_dir = models["main"]
+    server_shards = _shards_of(model_dir, _block_prefixes(0, 4))
+    client_shards = _shards_of(model_dir, CLIENT_PREFIXES)
+    assert set(got["server"]) == {"config.json", INDEX_FILE} | server_shards
+    extras = {p.name for p in model_dir.iterdir()} & set(hub_source.CLIENT_EXTRA_FILES)
+    assert {"tokenizer.json", "generation_config.json"} <= extras
+    assert set(got["client"]) == {"config.json", INDEX_FILE} | client_shards | extras
+    downloaded = {path.rsplit("/", 1)[1] for method, path in handler.requests if method == "GET"}
+    assert downloaded == {"config.json", INDEX_FILE} | server_shards | client_shards | extras  # nothing else, ever
+    assert got["v2"] == (cache / "models--org--tiny" / "refs" / "v2").read_text()
+    no_safetensors, absent = got["errors"]
+    assert "repo org/bin-only (revision main) has no safetensors weights" in no_safetensors
+    assert "org/absent is neither a local directory nor a repo on the Hugging Face Hub" in absent
 
 
 @pytest.fixture(scope="module")
