@@ -120,7 +120,8 @@ class ModelSource:
                     raise HubError(f"repo {self.repo_id} (revision {self.revision or 'main'}, commit {self.commit}) "
                                    f"has no file {file}, which its {INDEX_FILE} names") from None
         if missing and not optional:
-            raise _not_in_cache(self.repo_id, self.revision, self.cache_dir, missing, commit=self.commit)
+            raise _not_in_cache(self.repo_id, self.revision, self.cache_dir, missing, self.local_files_only,
+                                commit=self.commit)
 
 
 def open_model(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
@@ -147,7 +148,7 @@ def open_model(name_or_path: str | Path, revision: str | None = None, cache_dir:
         config_file = Path(_download(given, "config.json", revision, cache, token, local_only))
     except LocalEntryNotFoundError:
         raise _not_in_cache(given, revision, cache, ["config.json", f"{INDEX_FILE} (or {SINGLE_FILE})",
-                                                     "the shards"]) from None
+                                                     "the shards"], local_only) from None
     except EntryNotFoundError:
         raise NotAModelError(f"repo {given} (revision {revision or 'main'}) has no config.json: it is not a "
                              f"Hugging Face-format model") from None
@@ -166,7 +167,7 @@ def _fetch_weight_index(source: ModelSource) -> None:
     try:
         _download(source.repo_id, INDEX_FILE, source.commit, source.cache_dir, source.token, source.local_files_only)
         return
-    except LocalEntryNotFoundError:  # downloads are off and the cache lacks the index
+    except LocalEntryNotFoundError:  # not in the cache, and downloads are off or the Hub unreachable
         if (source.directory / SINGLE_FILE).exists():
             return
         known_absent = [try_to_load_from_cache(source.repo_id, file, source.cache_dir, source.commit)
@@ -176,7 +177,7 @@ def _fetch_weight_index(source: ModelSource) -> None:
         other = sorted(p.name for p in source.directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         note = f"; the cache has {', '.join(other)}, which Corolla does not read (only *.safetensors)" if other else ""
         raise _not_in_cache(source.repo_id, source.revision, source.cache_dir, [f"{INDEX_FILE} or {SINGLE_FILE}"],
-                            commit=source.commit, note=note) from None
+                            source.local_files_only, commit=source.commit, note=note) from None
     except EntryNotFoundError:  # the repo has no index: a single file, or no safetensors at all
         if HfApi(token=source.token).file_exists(source.repo_id, SINGLE_FILE, revision=source.commit):
             return
@@ -198,10 +199,10 @@ def _download(repo_id: str, file: str, revision: str | None, cache_dir: Path, to
                        f"private: log in with `hf auth login`)") from None
 
 
-def _not_in_cache(repo_id: str, revision: str | None, cache_dir: Path, missing: list[str],
+def _not_in_cache(repo_id: str, revision: str | None, cache_dir: Path, missing: list[str], offline: bool,
                   commit: str | None = None, note: str = "") -> HubError:
-    """The error for files that are not in the cache while downloads are off: which repo, revision and files,
-    what the cache does hold, and the command that would fetch them."""
+    """The error for files that are neither in the cache nor downloadable now: which repo, revision and files,
+    what the cache does hold, why nothing was downloaded, and the command that would fetch them."""
     branch = revision or "main"
     repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
     if commit is not None:
@@ -213,8 +214,10 @@ def _not_in_cache(repo_id: str, revision: str | None, cache_dir: Path, missing: 
             if (repo / "refs").is_dir() else []
         where = (f"the cache {cache_dir} has no snapshot of revision {branch!r} with config.json "
                  f"(revisions it has: {', '.join(refs) or 'none'})")
-    files = " ".join(f for f in missing if " " not in f)
-    return HubError(f"repo {repo_id} (revision {branch!r}) is not in the Hugging Face cache and downloads are off "
-                    f"(HF_HUB_OFFLINE=1 or local_files_only): missing {', '.join(missing)}; {where}{note}. Fetch "
-                    f"them where the Hub is reachable, e.g. `hf download {repo_id} {files + ' ' if files else ''}"
-                    f"--revision {branch}`, or allow downloads.")
+    why = "downloads are off (HF_HUB_OFFLINE=1 or local_files_only)" if offline else "the Hub could not be reached"
+    exact = all(" " not in file for file in missing)  # file names, not a description such as "the shards"
+    command = f"hf download {repo_id} {' '.join(missing) + ' ' if exact else ''}--revision {branch}"
+    return HubError(f"repo {repo_id} (revision {branch!r}) is not in the Hugging Face cache and {why}: missing "
+                    f"{', '.join(missing)}; {where}{note}. Fetch them where the Hub is reachable, e.g. `{command}` "
+                    f"(with --cache-dir {cache_dir} if that is not your default cache)"
+                    + (", or allow downloads." if offline else "."))

@@ -224,10 +224,30 @@ class Server:
 
         self.next_pings = {peer: rtt for peer, rtt in await asyncio.gather(*(ping(p) for p in nexts)) if rtt is not None}
 
+    async def _fetch_while_serving(self, node: Node, target: tuple[int, int]) -> bool:
+        """Fetch the target span's files (a repo id's shards: minutes for a large model; nothing for a directory)
+        while the current span still serves and is announced. False, with a warning, when they cannot be had
+        (offline without them, the Hub unreachable) or the server is stopping: better stay where we are."""
+        fetch = asyncio.ensure_future(asyncio.to_thread(self.source.fetch_blocks, self.model_config, *target))
+        while not fetch.done() and not self.stop.is_set():
+            done, _ = await asyncio.wait({fetch}, timeout=self.config.announce_period)
+            if not done:
+                await self._announce(node, ServerState.ONLINE)
+        if not fetch.done():
+            return False
+        try:
+            fetch.result()
+            return True
+        except (CorollaError, OSError) as e:
+            logger.warning("staying on blocks %d:%d: cannot fetch blocks %d:%d: %s", self.start, self.end, *target, e)
+            return False
+
     async def _maybe_move(self, node: Node) -> None:
         servers = await read_servers(node, self.model_id, self.num_blocks)
         target = should_move(servers, node.peer_id, self.num_blocks)
         if target is None or target == (self.start, self.end):
+            return
+        if not await self._fetch_while_serving(node, target):
             return
         print(f"rebalancing: moving from blocks {self.start}:{self.end} to {target[0]}:{target[1]}", flush=True)
         await self._announce(node, ServerState.OFFLINE)  # clients stop routing here, open sessions fail over
