@@ -392,3 +392,33 @@ def test_a_swarm_of_a_repo_id_generates_as_transformers(hub_swarm, cache, models
             assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == want
         finally:
             model.close()
+
+
+def test_the_command_line_names_what_is_missing(cache, tmp_path):
+    """`corolla server OWNER/NAME` offline without the repo in the cache: exit 2 and the error, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    result = subprocess.run([sys.executable, "-m", "corolla.cli", "server", "org/absent", "--blocks", "0:1"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: repo org/absent (revision 'main') is not in the Hugging Face cache")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_moving_server_stays_when_the_new_shards_cannot_be_fetched(offline_cache, models, tmp_path, caplog):
+    """A server of a repo id fetches its next span's shards before leaving its current one; offline without them,
+    it stays (rather than announcing itself offline and failing to load)."""
+    import asyncio
+
+    from corolla.net.node import NetworkConfig
+    from corolla.server.config import ServerConfig
+    from corolla.server.server import Server
+
+    shards = _shards_of(models["main"], _block_prefixes(0, 4))
+    partial = _cache_with_only(offline_cache, tmp_path / "partial", shards)
+    server = Server(ServerConfig(model=REPO, hub_dir=str(partial)), NetworkConfig())
+    server.start, server.end = 0, 4
+    assert asyncio.run(server._fetch_while_serving(None, (1, 3)))  # in the cache: the fetch ends within a period
+    assert not asyncio.run(server._fetch_while_serving(None, (4, 8)))
+    missing = sorted(_shards_of(models["main"], _block_prefixes(4, 8)) - shards)
+    assert f"staying on blocks 0:4: cannot fetch blocks 4:8: repo {REPO}" in caplog.text
+    assert f"missing {', '.join(missing)}" in caplog.text
