@@ -16,7 +16,8 @@ directory is used as it is, with nothing fetched.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import huggingface_hub
@@ -57,8 +58,8 @@ class ModelSource:
     repo_id: str | None = None
     revision: str | None = None  # as asked (None: the repo's default branch, "main")
     cache_dir: Path | None = None
-    token: str | bool | None = None
-    local_files_only: bool = False
+    token: str | bool | None = field(default=None, repr=False)  # a secret: never in logs
+    local_files_only: bool = False  # downloads off: asked for, or HF_HUB_OFFLINE when opened
 
     @property
     def name(self) -> str:
@@ -106,7 +107,7 @@ class ModelSource:
         names = checkpoint_names(checkpoint, family_for(config).causal_lm_class, paths)
         return sorted({checkpoint.file_of[name].relative_to(self.directory).as_posix() for name in names})
 
-    def _fetch(self, files, optional: bool = False) -> None:
+    def _fetch(self, files: Iterable[str], optional: bool = False) -> None:
         """Bring `files` into the snapshot folder. Required files missing from the cache while offline are named
         all together in one HubError; optional ones the repo lacks are skipped."""
         missing = []
