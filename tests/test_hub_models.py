@@ -21,6 +21,7 @@ from huggingface_hub import scan_cache_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import OUTPUT_DIR
+from tiny_models import make_tiny_llama
 from corolla.hub import HubError, push
 from corolla.launch import LocalSwarm
 from corolla.models import hub_source
@@ -202,6 +203,19 @@ def test_a_directory_and_a_repo_id_of_the_same_files_announce_one_model_id(offli
     assert len(ids) == 1 and ids.pop().startswith("tiny-")
 
 
+def test_an_unsharded_repo_is_fetched_whole(offline_cache, tmp_path):
+    """A repo with one model.safetensors (no index): servers and clients fetch that file and load as usual."""
+    folder = make_tiny_llama(tmp_path / "single", num_layers=2)
+    assert not (folder / INDEX_FILE).exists()
+    push(folder, "org/single", hub_dir=tmp_path / "cache")
+    source = open_model("org/single", cache_dir=tmp_path / "cache")
+    config = load_config(source.directory)
+    assert source.block_files(config, 1, 2) == source.client_files(config) == ["model.safetensors"]
+    (block,) = load_blocks(source.fetch_blocks(config, 1, 2), config, 1, 2, "cpu", torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(folder).model.layers[1].state_dict()
+    assert all(torch.equal(t, theirs[n]) for n, t in block.state_dict().items())
+
+
 def test_offline_errors_name_the_repo_revision_and_missing_files(offline_cache, models, tmp_path):
     with pytest.raises(HubError, match=r"repo org/absent \(revision 'main'\) is not in the Hugging Face cache.*"
                                        r"missing config\.json.*no folder models--org--absent.*hf download org/absent"):
@@ -310,6 +324,8 @@ load_blocks(server.fetch_blocks(config, 0, 4), config, 0, 4, "cpu", torch.float3
 client = open_model("org/tiny", cache_dir=client_cache)
 load_client_parts(client.fetch_client_parts(config), config, torch.float32)
 v2 = open_model("org/tiny", revision="v2", cache_dir=other_cache)
+single = open_model("org/single", cache_dir=other_cache)
+single.fetch_blocks(load_config(single.directory), 0, 1)
 errors = []
 for repo in ("org/bin-only", "org/absent"):
     try:
@@ -317,7 +333,8 @@ for repo in ("org/bin-only", "org/absent"):
     except HubError as e:
         errors.append(str(e))
 print(json.dumps({"server": sorted(p.name for p in server.directory.iterdir()),
-                  "client": sorted(p.name for p in client.directory.iterdir()), "v2": v2.commit, "errors": errors}))
+                  "client": sorted(p.name for p in client.directory.iterdir()), "v2": v2.commit, "errors": errors,
+                  "single": sorted(p.name for p in single.directory.iterdir())}))
 """
 
 
@@ -327,6 +344,7 @@ def test_downloads_from_the_hub_fetch_only_what_is_needed(cache, models, tmp_pat
     hub_dir = tmp_path / "hub"
     shutil.copytree(cache, hub_dir, symlinks=True)
     _push_bin_only(models, hub_dir)
+    push(make_tiny_llama(tmp_path / "single", num_layers=2), "org/single", hub_dir=hub_dir)  # no index
     handler = type("Hub", (_FakeHub,), {"hub_dir": hub_dir, "requests": []})
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as fake:
         threading.Thread(target=fake.serve_forever, daemon=True).start()
@@ -348,8 +366,10 @@ def test_downloads_from_the_hub_fetch_only_what_is_needed(cache, models, tmp_pat
     extras = {p.name for p in model_dir.iterdir()} & set(hub_source.CLIENT_EXTRA_FILES)
     assert {"tokenizer.json", "generation_config.json"} <= extras
     assert set(got["client"]) == {"config.json", INDEX_FILE} | client_shards | extras
-    downloaded = {path.rsplit("/", 1)[1] for method, path in handler.requests if method == "GET"}
+    downloaded = {path.rsplit("/", 1)[1] for method, path in handler.requests
+                  if method == "GET" and path.startswith("/org/tiny/")}
     assert downloaded == {"config.json", INDEX_FILE} | server_shards | client_shards | extras  # nothing else, ever
+    assert got["single"] == ["config.json", "model.safetensors"]
     assert got["v2"] == (cache / "models--org--tiny" / "refs" / "v2").read_text()
     no_safetensors, absent = got["errors"]
     assert "repo org/bin-only (revision main) has no safetensors weights" in no_safetensors
