@@ -1,6 +1,7 @@
-"""Models by Hugging Face Hub repo id (corolla/models/hub_source.py), offline: a Hugging Face cache made here holds
-a tiny 8-block Llama saved in 5 shards as `org/tiny`; servers and clients fetch only the shards of their blocks or
-parts. No network: HF_HUB_OFFLINE=1 and every cache is a folder of this test."""
+"""Models by Hugging Face Hub repo id (corolla/models/hub_source.py): a Hugging Face cache made here holds a tiny
+8-block Llama saved in 5 shards as `org/tiny`; servers and clients fetch only the shards of their blocks or parts.
+No network: HF_HUB_OFFLINE=1 and every cache is a folder of this test, except one test whose "Hub" is a fake of its
+file API on 127.0.0.1 serving such a cache."""
 
 from __future__ import annotations
 

@@ -532,7 +532,8 @@ class AutoDistributedModelForCausalLM:
             dtype = torch_dtype
         if dtype == "auto":
             dtype = None
-        source = open_model(model_dir, **{"cache_dir": hub_dir, **hub_options})  # a directory or a Hub repo id
+        # A directory or a Hub repo id; transformers' cache_dir, when given, wins over hub_dir.
+        source = open_model(model_dir, **{"cache_dir": hub_dir, **hub_options})
         config = load_config(source.directory)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
