@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.set_defaults(run=cmd_server)
 
     demo = commands.add_parser("demo", help="run a private swarm on this machine and chat through it")
-    demo.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--model", default=None, help="model directory or Hugging Face Hub repo id OWNER/NAME "
+                                                    "(default: the embedded SmolLM2-135M-Instruct)")
     demo.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
     demo.add_argument("--servers", type=int, default=3, help="number of servers (default: 3)")
     demo.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")

@@ -24,9 +24,10 @@ def run_demo(model: str | None, prompt: str, servers: int, max_new_tokens: int, 
     from corolla.client.model import AutoDistributedModelForCausalLM
     from corolla.models.checkpoint import load_config
     from corolla.models.embedded import ensure_embedded_model
+    from corolla.models.hub_source import open_model
 
     model_dir = Path(model) if model else ensure_embedded_model()
-    num_blocks = load_config(model_dir).num_hidden_layers
+    num_blocks = load_config(open_model(model_dir).directory).num_hidden_layers  # a directory or a Hub repo id
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="corolla-demo-"))
     spans = split_blocks(num_blocks, servers)
     print(f"Starting a private swarm on 127.0.0.1: 1 bootstrap peer + {len(spans)} servers "

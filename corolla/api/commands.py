@@ -97,6 +97,7 @@ def cmd_health(args: argparse.Namespace) -> None:
     from corolla.api.terminal import render_state
     from corolla.errors import CorollaError
     from corolla.models.checkpoint import load_config, model_id
+    from corolla.models.hub_source import open_model
 
     if args.model_id:
         if not args.num_blocks:
@@ -109,8 +110,9 @@ def cmd_health(args: argparse.Namespace) -> None:
             model_dir = ensure_embedded_model()
         else:
             model_dir = Path(args.model)
-        config = load_config(model_dir)
-        name = args.model_name or model_dir.resolve().name
+        source = open_model(model_dir)  # a directory, or a Hub repo id: its config.json and weight index only
+        config = load_config(source.directory)
+        name = args.model_name or source.name
         target = HealthTarget(name, model_id(config, name), config.num_hidden_layers)
     if args.watch:
         try:
@@ -147,7 +149,8 @@ def add_commands(commands) -> None:
                                                 "blocks, state, speed, cache, round-trip time (exit 1 if blocks "
                                                 "are not served)")
     health.add_argument("model", nargs="?", default=None,
-                        help="local model directory (default: the embedded SmolLM2-135M-Instruct)")
+                        help="local model directory or Hugging Face Hub repo id OWNER/NAME (default: the embedded "
+                             "SmolLM2-135M-Instruct)")
     health.add_argument("--model-name", default=None, help="the model's name in the DHT (default: the directory "
                                                            "name)")
     health.add_argument("--model-id", default=None, help="the model's DHT id (name-hash), instead of a directory")

@@ -33,6 +33,7 @@ from corolla.client.training import RemoteBlocksFunction, RemoteTraining
 from corolla.client.tuning import Tuning, TuningConfig, load_tensors, read_tuning
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import DTYPES, config_dtype, load_client_parts, load_config, meta_model, model_id
+from corolla.models.hub_source import HUB_KWARGS, open_model
 from corolla.models.layout import RowDotLinear, choose_layouts, row_dot
 from corolla.models.lora import LoraSettings
 from corolla.models.spec import FamilySpec, family_for
@@ -458,7 +459,6 @@ _HARMLESS_KWARGS = {
     "low_cpu_mem_usage": _ANY,  # any value: the client always reads only its own parts' tensors
     "trust_remote_code": False,  # Corolla runs no repository code (True is refused below)
     "use_safetensors": True,  # Corolla reads safetensors only (False is refused below)
-    "local_files_only": True,  # the model is a local directory
     "device_map": "cpu",  # the client's parts stay on the CPU; the blocks run on the servers
 }
 # Those that mean nothing here (or need what Corolla does not do), with why.
@@ -466,7 +466,6 @@ _REFUSED_KWARGS = {
     "trust_remote_code": "Corolla runs only the model families it implements (docs/models.md), never a "
                          "repository's own code",
     "use_safetensors": "Corolla reads only *.safetensors checkpoints",
-    "local_files_only": "from_pretrained reads a local model directory (see `corolla hub` for the offline hub)",
     "device_map": "the decoder blocks run on the servers and the client's embeddings and head stay on the CPU",
     "max_memory": "the decoder blocks run on the servers; the client holds only the embeddings and the head",
     "offload_folder": "the decoder blocks run on the servers; the client holds only the embeddings and the head",
@@ -477,11 +476,8 @@ _REFUSED_KWARGS = {
                            "peer computes alike",
     "config": "the config is read from the model directory (servers and clients must share it: it is hashed "
               "into the model's id in the swarm)",
-    "revision": "from_pretrained reads a local model directory; Hub downloads are not supported here",
-    "cache_dir": "from_pretrained reads a local model directory; Hub downloads are not supported here",
-    "token": "from_pretrained reads a local model directory; Hub downloads are not supported here",
-    "use_auth_token": "from_pretrained reads a local model directory; Hub downloads are not supported here",
-    "force_download": "from_pretrained reads a local model directory; Hub downloads are not supported here",
+    "use_auth_token": "its new name is token=",
+    "force_download": "files are fetched once into the Hugging Face cache; remove them there to fetch them again",
     "subfolder": "give the model directory itself",
     "output_loading_info": "the client loads only its own parts; there is no loading info to return",
     "return_unused_kwargs": "unknown keyword arguments are refused, not returned",
@@ -513,9 +509,13 @@ class AutoDistributedModelForCausalLM:
                         active_adapter: str | None = None, hub_dir: str | Path | None = None,
                         seed: int | None = None, torch_dtype: torch.dtype | str | None = None,
                         **transformers_kwargs) -> DistributedModelForCausalLM:
-        """Load the client-side parts of a local model directory and join the swarm through `initial_peers`.
+        """Load the client-side parts of a local model directory, or of a Hugging Face Hub repo id "owner/name"
+        (models/hub_source.py: only the shards of those parts, the config and the tokenizer are fetched; transformers'
+        `revision`, `cache_dir` (default `hub_dir`), `token` and `local_files_only` apply), and join the swarm
+        through `initial_peers`.
 
-        `model_name` must match the servers' (default: the directory's name, as servers default to).
+        `model_name` must match the servers' (default: the directory's name, or the repo's NAME, as servers
+        default to).
         Fine-tuning: `tuning_mode` "ptune" / "deep_ptune" (with `pre_seq_len`) or "lora" (with `lora` settings) adds
         trainable parameters (`seed` for their initialisation); `tuned` loads saved ones (a directory or a repo id
         in the offline hub at `hub_dir`); `active_adapter` uses a LoRA adapter that servers host.
@@ -524,6 +524,7 @@ class AutoDistributedModelForCausalLM:
         arguments are accepted where harmless (_HARMLESS_KWARGS) and refused, saying why, where they mean nothing
         here (_REFUSED_KWARGS).
         """
+        hub_options = {name: transformers_kwargs.pop(name) for name in HUB_KWARGS if name in transformers_kwargs}
         _check_transformers_kwargs(transformers_kwargs)
         if torch_dtype is not None:
             if dtype is not None:
@@ -531,7 +532,9 @@ class AutoDistributedModelForCausalLM:
             dtype = torch_dtype
         if dtype == "auto":
             dtype = None
-        config = load_config(model_dir)
+        # A directory or a Hub repo id; transformers' cache_dir, when given, wins over hub_dir.
+        source = open_model(model_dir, **{"cache_dir": hub_dir, **hub_options})
+        config = load_config(source.directory)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise CorollaError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -540,9 +543,9 @@ class AutoDistributedModelForCausalLM:
         if not initial_peers:
             raise CorollaError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
         client_config = client_config or ClientConfig()
-        parts = load_client_parts(model_dir, config, dtype)
+        parts = load_client_parts(source.fetch_client_parts(config), config, dtype)
         _lay_out_lm_head(parts, family_for(config), client_config.weight_layout)
-        name = model_name or Path(model_dir).resolve().name
+        name = model_name or source.name
         network = network or NetworkConfig(initial_peers=tuple(initial_peers))
         swarm = SwarmClient(network, model_id(config, name), config.num_hidden_layers, client_config)
         try:
@@ -555,7 +558,7 @@ class AutoDistributedModelForCausalLM:
             elif tuning_mode is not None:
                 model.enable_tuning(TuningConfig(tuning_mode, pre_seq_len, lora or LoraSettings()), seed=seed)
             try:
-                model.generation_config = GenerationConfig.from_pretrained(model_dir)
+                model.generation_config = GenerationConfig.from_pretrained(source.directory)
             except OSError:
                 model.generation_config = GenerationConfig.from_model_config(config)
         except BaseException:

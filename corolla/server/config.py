@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str = field(metadata={"help": "local Hugging Face-format model directory", "positional": True})
+    model: str = field(metadata={"help": "local Hugging Face-format model directory, or a Hugging Face Hub repo id "
+                                         "OWNER/NAME (only config.json and the shards of the served blocks are "
+                                         "fetched, through the Hugging Face cache; HF_HUB_OFFLINE=1 reads only the "
+                                         "cache)", "positional": True})
+    revision: str | None = field(default=None, metadata={"help": "the Hub revision (branch, tag or commit) of a repo "
+                                                                 "id MODEL (default: main)"})
     blocks: str | None = field(default=None, metadata={"help": "span to serve, START:END (END exclusive)"})
     num_blocks: int | None = field(default=None, metadata={"help": "serve this many blocks where the swarm needs "
                                                                    "them most, moving when the swarm needs it "
@@ -17,11 +22,13 @@ class ServerConfig:
                                                          "torch dynamic int8, float32 only) or nf4 (CUDA only)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (default: the "
                                                               "checkpoint's dtype)"})
-    model_name: str | None = field(default=None, metadata={"help": "name in the DHT (default: the directory name)"})
+    model_name: str | None = field(default=None, metadata={"help": "name in the DHT (default: the directory name, "
+                                                                   "or NAME of a repo id OWNER/NAME)"})
     adapters: tuple[str, ...] = field(default=(), metadata={"help": "PEFT LoRA adapters to host: local directories "
                                                                     "or repo ids in the offline hub (--hub-dir)"})
-    hub_dir: str | None = field(default=None, metadata={"help": "offline hub directory for adapter repo ids "
-                                                                "(default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)"})
+    hub_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache directory for repo ids of the "
+                                                                "model and adapters (default: $HF_HUB_CACHE, else "
+                                                                "$HF_HOME/hub, else ~/.cache/huggingface/hub)"})
     public_name: str = field(default="", metadata={"help": "a name for this server shown on swarm maps"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     cuda_graphs: bool = field(default=True, metadata={"help": "replay single-token decode steps from CUDA graphs "

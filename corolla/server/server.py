@@ -16,8 +16,9 @@ import torch
 
 import corolla
 from corolla.errors import CorollaError
-from corolla.models.checkpoint import (DTYPES, Checkpoint, checkpoint_names, config_dtype, load_blocks, load_config,
-                                       make_span_helpers, meta_model, model_id)
+from corolla.models.checkpoint import (DTYPES, config_dtype, load_blocks, load_config, make_span_helpers, meta_model,
+                                       model_id)
+from corolla.models.hub_source import open_model
 from corolla.models.embedded import cache_dir
 from corolla.models.layout import LAYOUTS, choose_layouts
 from corolla.models.spec import family_for
@@ -66,10 +67,13 @@ class Serving:
 class Server:
     def __init__(self, config: ServerConfig, network: NetworkConfig):
         self.config, self.network = config, network
-        self.model_config = load_config(config.model)
+        # A directory, or a Hub repo id of which only config.json and the weight index are fetched now, and the
+        # shards of the blocks when they are chosen (_load).
+        self.source = open_model(config.model, revision=config.revision, cache_dir=config.hub_dir)
+        self.model_config = load_config(self.source.directory)
         self.spec = family_for(self.model_config)
         self.num_blocks = self.model_config.num_hidden_layers
-        name = config.model_name or Path(config.model).resolve().name
+        name = config.model_name or self.source.name
         if config.synthetic_weights_seed is not None:
             name = synthetic_name(name, config.synthetic_weights_seed)
         self.model_id = model_id(self.model_config, name)
@@ -91,13 +95,9 @@ class Server:
 
     def _default_num_blocks(self) -> int:
         """As many blocks as fit the device's free memory, after the attention-cache budget."""
-        if self.config.synthetic_weights_seed is not None:  # no block tensors to count: the config's shapes
-            block = meta_model(self.spec, self.model_config, self.dtype).get_submodule(self.spec.block_path(0))
-            numel = sum(p.numel() for p in block.parameters())
-        else:
-            checkpoint = Checkpoint(self.config.model)
-            numel = checkpoint.numel(checkpoint_names(checkpoint, self.spec.causal_lm_class, [self.spec.block_path(0)]))
-        per_block = numel * torch.empty((), dtype=self.dtype).element_size()
+        # Counted on the meta model (no file read): a Hub repo's shards are fetched only once the span is chosen.
+        block = meta_model(self.spec, self.model_config, self.dtype).get_submodule(self.spec.block_path(0))
+        per_block = sum(p.numel() for p in block.parameters()) * torch.empty((), dtype=self.dtype).element_size()
         if self.config.quant != "none":
             per_block //= 4 if self.config.quant == "int8" else 7
         kv_heads = getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads
@@ -132,8 +132,8 @@ class Server:
                                                                             self.dtype)[0])
         else:
             load_device = "cpu" if self.config.quant != "none" else self.device
-            blocks = load_blocks(self.config.model, self.model_config, start, end, load_device, self.dtype,
-                                 progress=True)
+            model_dir = self.source.fetch_blocks(self.model_config, start, end)
+            blocks = load_blocks(model_dir, self.model_config, start, end, load_device, self.dtype, progress=True)
             blocks = quantize_blocks(blocks, self.config.quant, self.device, self.dtype)
         layout = ""
         if self.device.type == "cpu" and self.config.weight_layout != "row":
@@ -236,10 +236,30 @@ class Server:
 
         self.next_pings = {peer: rtt for peer, rtt in await asyncio.gather(*(ping(p) for p in nexts)) if rtt is not None}
 
+    async def _fetch_while_serving(self, node: Node, target: tuple[int, int]) -> bool:
+        """Fetch the target span's files (a repo id's shards: minutes for a large model; nothing for a directory)
+        while the current span still serves and is announced. False, with a warning, when they cannot be had
+        (offline without them, the Hub unreachable) or the server is stopping: better stay where we are."""
+        fetch = asyncio.ensure_future(asyncio.to_thread(self.source.fetch_blocks, self.model_config, *target))
+        while not fetch.done() and not self.stop.is_set():
+            done, _ = await asyncio.wait({fetch}, timeout=self.config.announce_period)
+            if not done:
+                await self._announce(node, ServerState.ONLINE)
+        if not fetch.done():
+            return False
+        try:
+            fetch.result()
+            return True
+        except (CorollaError, OSError) as e:
+            logger.warning("staying on blocks %d:%d: cannot fetch blocks %d:%d: %s", self.start, self.end, *target, e)
+            return False
+
     async def _maybe_move(self, node: Node) -> None:
         servers = await read_servers(node, self.model_id, self.num_blocks)
         target = should_move(servers, node.peer_id, self.num_blocks)
         if target is None or target == (self.start, self.end):
+            return
+        if not await self._fetch_while_serving(node, target):
             return
         print(f"rebalancing: moving from blocks {self.start}:{self.end} to {target[0]}:{target[1]}", flush=True)
         await self._announce(node, ServerState.OFFLINE)  # clients stop routing here, open sessions fail over
