@@ -171,6 +171,24 @@ def test_gradients_through_slices_equal_local_ones(family):
         (hidden * weight).sum().backward()
         assert close(ours.grad, want), cuts
     assert float(want.abs().max()) > 1e-3  # a gradient that could differ
+    # With edits: the servers' recomputed forwards apply them too.
+    values = torch.randn(2, 1, x.shape[-1], generator=torch.Generator().manual_seed(3))
+    vector = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(4))
+
+    def replaced(hidden):
+        hidden = hidden.clone()
+        hidden[:, [4]] = values
+        return hidden
+
+    leaf = x.clone().requires_grad_(True)
+    with hooks(reference, edit_output={0: replaced, 1: lambda hidden: hidden * 1 + vector},
+               block0_input=leaf) as outputs:
+        reference(ids)
+    plain, want = want, torch.autograd.grad((outputs[2] * weight).sum(), leaf)[0]
+    ours = x.clone().requires_grad_(True)
+    hidden = h[:2](ours, edits=[Replace(layer=0, positions=[4], values=values), Steer(layer=1, vector=vector)])
+    (h[2](hidden) * weight).sum().backward()
+    assert close(ours.grad, want) and not close(plain, want)
 
 
 def test_output_hidden_states_equal_transformers(family):
