@@ -298,6 +298,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         for stateless forwards (outside an inference session)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if kwargs.get("output_attentions"):
+            raise CorollaError("output_attentions=True is not supported: attention weights stay on the servers; "
+                               "output_hidden_states=True and slices of model.transformer.h give the hidden states")
         session = cache.session if isinstance(cache, RemoteSessionCache) else self.active_session
         if session is not None and (output_hidden_states or edits):
             raise CorollaError("output_hidden_states and edits are for forwards outside an inference session; in a "
