@@ -2,15 +2,17 @@
 between blocks, each against plain transformers (with forward hooks doing the same thing) on three families.
 
 One local swarm serves the module: per family, two server processes split the tiny 4-block model at 0:2 | 2:4, so
-slices run over one server, across the boundary, or inside one server's span."""
+slices run over one server, across the boundary, or inside one server's span. Llama has a second server of 2:4, and
+both of its 2:4 servers fail their steps while a file exists (a slice's failover)."""
 
 import contextlib
+import os
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import OUTPUT_DIR
+from conftest import OUTPUT_DIR, peer_of
 from corolla import AutoDistributedModelForCausalLM
 from corolla.client.edits import Replace, Steer
 from corolla.errors import BadRequestError, CorollaError, EditError
@@ -27,16 +29,31 @@ BLOCKS = 4
 CLOSE = 1e-4
 
 
+class Swarm:
+    def __init__(self, local: LocalSwarm):
+        self.local, self.initial_peers = local, local.initial_peers
+        self.fail_files: dict[str, str] = {}  # peer id -> the file that makes its steps fail while it exists
+
+
 @pytest.fixture(scope="module")
 def swarm(models_dir):
-    with LocalSwarm(OUTPUT_DIR / "research-api-swarm") as local:
+    workdir = OUTPUT_DIR / "research-api-swarm"
+    with LocalSwarm(workdir) as local:
         local.start_dht()
-        servers = [local.start_server(make_family(family, models_dir), span, f"{family}-server{i}",
-                                      ["--num-threads", "1"], wait=False)
-                   for family in FAMILIES for i, span in enumerate(SPANS)]
-        for server in servers:
+        plan = [(family, span, f"{family}-server{i}") for family in FAMILIES for i, span in enumerate(SPANS)]
+        plan.append(("llama", (2, 4), "llama-spare"))
+        started, failing = [], {}
+        for family, span, name in plan:
+            args = ["--num-threads", "1"]
+            if family == "llama" and span == (2, 4):
+                failing[name] = str(workdir / f"{name}.fail")
+                args += ["--debug-fail-file", failing[name]]
+            started.append((name, local.start_server(make_family(family, models_dir), span, name, args, wait=False)))
+        for _, server in started:
             local.wait_for_line(server, "ready:", 240)
-        yield local
+        result = Swarm(local)
+        result.fail_files = {peer_of(server): failing[name] for name, server in started if name in failing}
+        yield result
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -302,3 +319,25 @@ def test_servers_check_edits():
     ]:
         with pytest.raises(BadRequestError, match=match):
             parse_edits(request(bad), 1, 3, 8)
+
+
+def test_a_slice_session_fails_over_to_another_server(family, swarm):
+    """The server of a slice's session fails mid-session: the slice re-routes over its own blocks, replays, and the
+    outputs stay those of the same layers run locally."""
+    client, reference = family
+    if client.config.model_type != "llama":
+        pytest.skip("one family has the spare server")
+    ids = ids_for(seed=10)
+    _, outputs = reference_states(reference, ids)
+    x, want = outputs[1], outputs[3]  # what enters block 2, what leaves block 3
+    with torch.no_grad(), client.transformer.h[2:4].inference_session(max_length=12, batch_size=2) as session:
+        first = session.step(x[:, :5])
+        victim = session.route[0].peer_id
+        open(swarm.fail_files[victim], "w").close()
+        try:
+            rest = [session.step(x[:, i:i + 1]) for i in range(5, 9)]
+        finally:
+            os.remove(swarm.fail_files[victim])
+        assert session.failed_servers == [victim]
+        assert [(hop.start, hop.end) for hop in session.route] == [(2, 4)] and session.route[0].peer_id != victim
+    assert close(torch.cat([first, *rest], dim=1), want)
