@@ -260,7 +260,7 @@ class InferenceSession:
     def __init__(self, swarm: SwarmClient, max_length: int, batch_size: int = 1, extras: Extras = NO_EXTRAS,
                  span: tuple[int, int] | None = None):
         self.swarm, self.max_length, self.batch_size = swarm, max_length, batch_size
-        self.start_block, self.end_block = span or (0, swarm.num_blocks)  # the blocks it runs (a slice: fewer)
+        self._span = span  # the blocks it runs, [start, end) (a slice of model.transformer.h); None: all
         self.extras = extras  # deep prompts, LoRA weights or a hosted adapter, for every step
         self.prefix_tokens = 0  # prompt-tuning positions the model put before the caller's tokens
         self._position = 0
@@ -274,6 +274,14 @@ class InferenceSession:
         self.checker = OutputChecker(swarm, functools.partial(RemoteSequence(swarm)._call, extras=extras),
                                      config.check_share if config.check_outputs else 0.0, config.check_tolerance,
                                      config.check_strikes)
+
+    @property
+    def start_block(self) -> int:
+        return self._span[0] if self._span is not None else 0
+
+    @property
+    def end_block(self) -> int:
+        return self._span[1] if self._span is not None else self.swarm.num_blocks
 
     @property
     def _cache_tokens(self) -> int:
