@@ -3,7 +3,8 @@ between blocks, each against plain transformers (with forward hooks doing the sa
 
 One local swarm serves the module: per family, two server processes split the tiny 4-block model at 0:2 | 2:4, so
 slices run over one server, across the boundary, or inside one server's span. Llama has a second server of 2:4, and
-both of its 2:4 servers fail their steps while a file exists (a slice's failover)."""
+both of its 2:4 servers fail their steps while a file exists (a slice's failover). GPT-2's servers run prompts in
+chunks of 4 tokens, so edits and recorded hidden states are also checked across chunk boundaries."""
 
 import contextlib
 import os
@@ -44,7 +45,7 @@ def swarm(models_dir):
         plan.append(("llama", (2, 4), "llama-spare"))
         started, failing = [], {}
         for family, span, name in plan:
-            args = ["--num-threads", "1"]
+            args = ["--num-threads", "1"] + (["--prefill-chunk-tokens", "4"] if family == "gpt2" else [])
             if family == "llama" and span == (2, 4):
                 failing[name] = str(workdir / f"{name}.fail")
                 args += ["--debug-fail-file", failing[name]]
