@@ -296,6 +296,8 @@ def test_edit_errors_are_named(family):
         with client.inference_session(max_length=8):
             with pytest.raises(CorollaError, match="outside an inference session"):
                 client(ids, output_hidden_states=True)
+        with pytest.raises(CorollaError, match="attention weights stay on the servers"):
+            client(ids, output_attentions=True)
 
 
 def test_servers_check_edits():
