@@ -41,3 +41,7 @@ class BadRequestError(CorollaError):
 
 class CacheFullError(CorollaError):
     """The server's attention cache has no room for this session within the allowed wait."""
+
+
+class EditError(CorollaError):
+    """A hidden-state edit (client/edits.py) does not fit the request: its layer, positions or values."""

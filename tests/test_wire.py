@@ -72,3 +72,33 @@ def test_int8_codec_is_small_and_close():
         WireTensor(dtype="float32", shape=(2, 64), data=b"\x00" * 10, codec="int8").to_torch()
     with pytest.raises(BadRequestError, match="unknown codec"):
         WireTensor(dtype="float32", shape=(1,), data=b"\x00" * 4, codec="zip").to_torch()
+
+
+def test_research_fields_round_trip():
+    """Forward requests' edits and per-block hidden states (issue 22): optional, absent by default."""
+    from corolla.net.messages import ForwardRequest, ForwardResult, HiddenEdit
+
+    plain = decode(encode(ForwardRequest(model_id="m", start_block=0, end_block=2,
+                                         hidden=WireTensor.from_torch(torch.zeros(1, 3, 8)))))
+    assert plain.edits == [] and plain.return_hidden_states is False
+    values = torch.randn(1, 2, 8)
+    request = ForwardRequest(model_id="m", start_block=0, end_block=2, hidden=WireTensor.from_torch(torch.zeros(1, 3, 8)),
+                             return_hidden_states=True,
+                             edits=[HiddenEdit(kind="steer", block=0, values=WireTensor.from_torch(torch.ones(8))),
+                                    HiddenEdit(kind="replace", block=1, positions=[0, 2],
+                                               values=WireTensor.from_torch(values))])
+    decoded = decode(encode(request))
+    assert decoded.return_hidden_states and [e.kind for e in decoded.edits] == ["steer", "replace"]
+    assert decoded.edits[0].positions is None and decoded.edits[1].positions == [0, 2]
+    assert torch.equal(decoded.edits[1].values.to_torch(), values)
+    states = torch.randn(1, 1, 3, 8)
+    result = decode(encode(ForwardResult(hidden=WireTensor.from_torch(states[0]),
+                                         hidden_states=WireTensor.from_torch(states, codec="int8"))))
+    assert result.hidden_states.shape == (1, 1, 3, 8)
+    assert (result.hidden_states.to_torch() - states).abs().max() <= states.abs().max() / 127
+    with pytest.raises(BadRequestError, match="kind"):
+        decode(msgpack.packb({"type": "forward_request", "v": WIRE_VERSION, "body": {
+            "model_id": "m", "start_block": 0, "end_block": 1, "hidden": {"dtype": "float32", "shape": [1, 1, 1],
+                                                                          "data": b"\0\0\0\0"},
+            "edits": [{"kind": "rewrite", "block": 0, "values": {"dtype": "float32", "shape": [1],
+                                                                  "data": b"\0\0\0\0"}}]}}))

@@ -9,7 +9,8 @@ import torch
 
 from corolla.client.routing import Hop
 from corolla.errors import CorollaError
-from corolla.net.messages import LoraWeights
+from corolla.client.edits import edits_on_wire
+from corolla.net.messages import HiddenEdit, LoraWeights
 from corolla.net.wire import WireTensor
 
 
@@ -39,6 +40,7 @@ class Extras:
     prompts: torch.Tensor | None = None  # [num_blocks, batch, pre_seq_len, hidden] deep prompts
     lora: ClientLora | None = None
     adapter: str | None = None  # hosted by the servers (routing uses only servers that announce it)
+    edits: tuple = ()  # hidden-state edits (client/edits.py: Steer, Replace), checked; stateless requests only
 
     def __post_init__(self):
         if self.lora is not None and self.adapter is not None:
@@ -52,6 +54,9 @@ class Extras:
         if self.prompts is None:
             return None
         return WireTensor.from_torch(self.prompts[hop.start:hop.end, rows])
+
+    def edits_for(self, hop: Hop, rows: slice = slice(None)) -> list[HiddenEdit]:
+        return edits_on_wire(self.edits, hop.start, hop.end, rows) if self.edits else []
 
     def lora_for(self, hop: Hop) -> LoraWeights | None:
         if self.lora is None:

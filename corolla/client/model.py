@@ -24,8 +24,10 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from corolla.client.blocks import BlockRunner, RemoteBlocks, TransformerParts
 from corolla.client.config import ClientConfig
 from corolla.client.drafting import DEFAULT_MAX_NGRAM, NgramDrafter
+from corolla.client.edits import Edit, check_edits
 from corolla.client.extras import NO_EXTRAS, Extras
 from corolla.client.remote import InferenceSession, RemoteSequence
 from corolla.client.swarm import SwarmClient
@@ -141,6 +143,26 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.tuning: Tuning | None = None  # trainable prompts / LoRA weights (enable_tuning, load_tuning)
         self.active_adapter = None  # a LoRA adapter hosted by servers, used by every request (on the config)
         self._head_pool: ThreadPoolExecutor | None = None  # the LM head's second thread (_two_thread_linear)
+        # Petals' module names (client/blocks.py); kept out of the module tree: they are the parts above again.
+        runner = BlockRunner(config.num_hidden_layers, config.hidden_size, self._run_blocks, self._span_session)
+        embedding_norm = parts[self.spec.embedding_norm_path] if self.spec.embedding_norm_path else nn.Identity()
+        object.__setattr__(self, "_transformer", TransformerParts(
+            parts[self.spec.embeddings_path], embedding_norm, RemoteBlocks(runner), parts[self.spec.final_norm_path]))
+
+    @property
+    def transformer(self) -> TransformerParts:
+        """Petals' names: `transformer.word_embeddings`, `.word_embeddings_layernorm` (the family's embedding norm,
+        else an identity), `.h` (the remote blocks, sliceable: client/blocks.py) and `.ln_f` (the final norm)."""
+        return self._transformer
+
+    @property
+    def blocks(self) -> RemoteBlocks:
+        """The remote blocks (`transformer.h`)."""
+        return self._transformer.h
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.get_output_embeddings()
 
     @property
     def active_adapter(self) -> str | None:
@@ -210,20 +232,36 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return self.tuning.extras(batch, self.active_adapter)
         return Extras(adapter=self.active_adapter) if self.active_adapter else NO_EXTRAS
 
-    def _run_blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """All remote blocks, stateless; differentiable when gradients are wanted."""
-        batch = hidden.shape[0]
+    def _run_blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                    span: tuple[int, int] | None = None, edits: tuple[Edit, ...] = (),
+                    layers: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Remote blocks [span) (default: all), stateless; differentiable when gradients are wanted. `edits`:
+        hidden-state edits (client/edits.py); `layers`: a list to append every block's output to. A slice carries
+        no deep prompts (they belong to the prompt positions that `forward` adds)."""
+        batch, tokens, width = hidden.shape
+        start, end = span or (0, self.config.num_hidden_layers)
+        edits = check_edits(edits, start, end, batch, tokens, width)
         tuning = self.tuning
-        prompts = tuning.prompts(batch) if tuning is not None else None
+        prompts = tuning.prompts(batch) if tuning is not None and span is None else None
         lora = list(tuning.lora_weights) if tuning is not None else []
         wants_grad = torch.is_grad_enabled() and (
             hidden.requires_grad or (prompts is not None and prompts.requires_grad) or any(w.requires_grad for w in lora))
         if not wants_grad:
-            return self.remote.forward(hidden, position_ids=position_ids, attention_mask=mask,
-                                       extras=self._extras(batch))
+            extras = self._extras(batch)
+            extras = dataclasses.replace(extras, edits=edits, prompts=extras.prompts if span is None else None)
+            return self.remote.forward(hidden, position_ids=position_ids, attention_mask=mask, extras=extras,
+                                       span=span, layers=layers)
+        if layers is not None:
+            raise CorollaError("output_hidden_states=True is for forwards without gradients (torch.no_grad()); "
+                               "for gradients through inner layers, run slices of model.transformer.h")
         layout = tuning.lora_layout() if tuning is not None else None
         return RemoteBlocksFunction.apply(self.remote_training, position_ids, mask, layout, self.active_adapter,
-                                          hidden, prompts, *lora)
+                                          span, edits, hidden, prompts, *lora)
+
+    def _span_session(self, span: tuple[int, int], max_length: int, batch_size: int) -> InferenceSession:
+        """A session over blocks [span) (transformer.h slices): the model's adapter and LoRA weights, no prompts."""
+        extras = dataclasses.replace(self._extras(batch_size), prompts=None)
+        return InferenceSession(self.swarm, max_length=max_length, batch_size=batch_size, extras=extras, span=span)
 
     # -- sessions -------------------------------------------------------------------------------------------
 
@@ -253,15 +291,28 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, return_dict: bool = True,
+                output_hidden_states: bool | None = None, edits: list[Edit] | tuple[Edit, ...] = (),
                 **kwargs) -> CausalLMOutputWithPast:
+        """transformers' forward over the swarm. `output_hidden_states=True`: transformers' `hidden_states` tuple
+        (the embeddings' output, then every block's, the last after the final norm), each server returning its
+        blocks' outputs in one round trip. `edits`: hidden-state edits between blocks (client/edits.py). Both are
+        for stateless forwards (outside an inference session)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if kwargs.get("output_attentions"):
+            raise CorollaError("output_attentions=True is not supported: attention weights stay on the servers; "
+                               "output_hidden_states=True and slices of model.transformer.h give the hidden states")
         session = cache.session if isinstance(cache, RemoteSessionCache) else self.active_session
+        if session is not None and (output_hidden_states or edits):
+            raise CorollaError("output_hidden_states and edits are for forwards outside an inference session; in a "
+                               "session, step slices of model.transformer.h (each slice's session gives the hidden "
+                               "states after its last block)")
         batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if position_ids is None:
             offset = session.position - session.prefix_tokens if session is not None else 0
             position_ids = torch.arange(offset, offset + length).unsqueeze(0).expand(batch, -1)
         hidden = self.embed(input_ids, inputs_embeds, position_ids)
+        embedded = hidden
         # Prompt tuning: pre_seq_len prompt positions come before the caller's tokens (once per session).
         prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
         add_prefix = prefix > 0 and (session is None or session.position == 0)
@@ -278,16 +329,24 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             session.prefix_tokens = prefix
             hidden = session.step(hidden, position_ids=position_ids, attention_mask=mask, start=start)
         else:
-            hidden = self._run_blocks(hidden, position_ids, mask)
+            if edits and add_prefix:
+                raise CorollaError("edits with prompt tuning are not supported: their positions would be shifted "
+                                   "by the prompt positions; run slices of model.transformer.h instead")
+            layers = [] if output_hidden_states else None
+            hidden = self._run_blocks(hidden, position_ids, mask, edits=tuple(edits), layers=layers)
         if add_prefix:
             hidden = hidden[:, prefix:]
+        hidden_states = None
+        if output_hidden_states:  # as transformers: the final norm's output in place of the last block's
+            states = [layer[:, prefix:] if add_prefix else layer for layer in layers[:-1]]
+            hidden_states = (embedded, *states, self._parts_by_path[self.spec.final_norm_path](hidden))
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, hidden_states=hidden_states)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
                  **kwargs):

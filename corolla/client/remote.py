@@ -122,24 +122,27 @@ class RemoteSequence:
         self.swarm = swarm
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, extras: Extras = NO_EXTRAS) -> torch.Tensor:
-        return self.swarm.call(self._forward(hidden, position_ids, attention_mask, extras),
-                               self.swarm.config.call_timeout)
-
-    async def _forward(self, hidden, position_ids, attention_mask, extras: Extras = NO_EXTRAS) -> torch.Tensor:
-        return (await self.forward_span(0, self.swarm.num_blocks, hidden, position_ids, attention_mask, extras))[0]
+                attention_mask: torch.Tensor | None = None, extras: Extras = NO_EXTRAS,
+                span: tuple[int, int] | None = None, layers: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Blocks [span) (default: all); with `layers`, every block's output is appended to it (the last one is
+        also the result)."""
+        start, end = span or (0, self.swarm.num_blocks)
+        return self.swarm.call(self.forward_span(start, end, hidden, position_ids, attention_mask, extras,
+                                                 layers=layers), self.swarm.config.call_timeout)[0]
 
     async def forward_span(self, start: int, end: int, hidden, position_ids, attention_mask,
                            extras: Extras = NO_EXTRAS, rows: slice = slice(None),
-                           attempts: "_Attempts | None" = None) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+                           attempts: "_Attempts | None" = None, layers: list[torch.Tensor] | None = None
+                           ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
         """Blocks [start, end), re-routing around failed servers; also returns each hop run with its input (what a
-        backward pass needs). `rows`: which batch rows of the extras' prompts these hidden states are."""
+        backward pass needs). `rows`: which batch rows of the extras' prompts these hidden states are. `layers`:
+        a list to append each block's output to (asked of every server in the same round trip)."""
         attempts = attempts or _Attempts(self.swarm)
         position, inputs = start, []
         while position < end:
             hop = (await self.swarm.route(position, end, purpose="forward", adapter=extras.adapter))[0]
             try:
-                output = await self._call(hop, hidden, position_ids, attention_mask, extras, rows)
+                output = await self._call(hop, hidden, position_ids, attention_mask, extras, rows, layers)
                 inputs.append((hop, hidden))
                 hidden, position = output, hop.end
             except (_RetryableRemoteError, *_RECOVERABLE) as e:
@@ -149,7 +152,7 @@ class RemoteSequence:
         return hidden, inputs
 
     async def _call(self, hop: Hop, hidden, position_ids, attention_mask, extras: Extras = NO_EXTRAS,
-                    rows: slice = slice(None)) -> torch.Tensor:
+                    rows: slice = slice(None), layers: list[torch.Tensor] | None = None) -> torch.Tensor:
         stream = await self.swarm.connect(hop.peer_id, FORWARD_PROTOCOL)
         try:
             sent = encode_hidden(hidden, self.swarm.config.wire_format)
@@ -157,11 +160,28 @@ class RemoteSequence:
                                              hidden=sent, position_ids=_optional(position_ids),
                                              attention_mask=_optional(attention_mask),
                                              prompts=extras.prompts_for(hop, rows), lora=extras.lora_for(hop),
-                                             adapter=extras.adapter))
+                                             adapter=extras.adapter, edits=extras.edits_for(hop, rows),
+                                             return_hidden_states=layers is not None))
             reply = _check_reply(await stream.recv(self.swarm.config.step_timeout), ForwardResult, hop)
-            return _check_output(reply.hidden, wire_signature(hidden, self.swarm.config.wire_format), hidden, hop)
+            signature = wire_signature(hidden, self.swarm.config.wire_format)
+            output = _check_output(reply.hidden, signature, hidden, hop)
+            if layers is not None:
+                layers.extend([*_hop_layers(reply, hop, signature, hidden), output])
+            return output
         finally:
             stream.close()
+
+
+def _hop_layers(reply: ForwardResult, hop: Hop, signature: tuple, local: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of a hop's blocks but the last, checked like its output: [blocks - 1] x [batch, tokens, hidden]."""
+    blocks = hop.end - hop.start
+    if blocks == 1:
+        return []
+    if reply.hidden_states is None:
+        raise _RetryableRemoteError(hop.peer_id, (hop.start, hop.end), "returned no hidden_states")
+    shape, dtype, codec = signature
+    stacked = _check_output(reply.hidden_states, ((blocks - 1, *shape), dtype, codec), local, hop)
+    return list(stacked.unbind(0))
 
 
 class _History:
@@ -237,8 +257,10 @@ class InferenceSession:
     failure.
     """
 
-    def __init__(self, swarm: SwarmClient, max_length: int, batch_size: int = 1, extras: Extras = NO_EXTRAS):
+    def __init__(self, swarm: SwarmClient, max_length: int, batch_size: int = 1, extras: Extras = NO_EXTRAS,
+                 span: tuple[int, int] | None = None):
         self.swarm, self.max_length, self.batch_size = swarm, max_length, batch_size
+        self._span = span  # the blocks it runs, [start, end) (a slice of model.transformer.h); None: all
         self.extras = extras  # deep prompts, LoRA weights or a hosted adapter, for every step
         self.prefix_tokens = 0  # prompt-tuning positions the model put before the caller's tokens
         self._position = 0
@@ -252,6 +274,14 @@ class InferenceSession:
         self.checker = OutputChecker(swarm, functools.partial(RemoteSequence(swarm)._call, extras=extras),
                                      config.check_share if config.check_outputs else 0.0, config.check_tolerance,
                                      config.check_strikes)
+
+    @property
+    def start_block(self) -> int:
+        return self._span[0] if self._span is not None else 0
+
+    @property
+    def end_block(self) -> int:
+        return self._span[1] if self._span is not None else self.swarm.num_blocks
 
     @property
     def _cache_tokens(self) -> int:
@@ -324,7 +354,7 @@ class InferenceSession:
 
     async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
         if not self._hops:
-            route = await self.swarm.route(0, self.swarm.num_blocks, min_cache_tokens=self._cache_tokens,
+            route = await self.swarm.route(self.start_block, self.end_block, min_cache_tokens=self._cache_tokens,
                                            adapter=self.extras.adapter)
             self._hops = [_HopSession(hop) for hop in route]
         self._step_ids += 1
@@ -400,12 +430,12 @@ class InferenceSession:
         failed = self._hops[index]
         for hop_session in self._hops[index:]:
             hop_session.close()
-        new_route = await self.swarm.route(failed.hop.start, self.swarm.num_blocks, min_cache_tokens=self._cache_tokens,
+        new_route = await self.swarm.route(failed.hop.start, self.end_block, min_cache_tokens=self._cache_tokens,
                                            adapter=self.extras.adapter)
         fresh = [_HopSession(hop, needs_replay=True) for hop in new_route]
         fresh[0].history = failed.history  # same first block, so the same inputs
         self._hops[index:] = fresh
-        logger.info("re-routed blocks %d:%d via %s", failed.hop.start, self.swarm.num_blocks,
+        logger.info("re-routed blocks %d:%d via %s", failed.hop.start, self.end_block,
                     ", ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in new_route))
 
     async def _ensure_open(self, hop_session: _HopSession) -> None:

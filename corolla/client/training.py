@@ -46,10 +46,12 @@ class RemoteTraining:
         return [slice(begin, min(begin + rows, batch)) for begin in range(0, batch, rows)]
 
     async def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                      extras: Extras) -> tuple[torch.Tensor, list[_Chunk]]:
+                      extras: Extras, span: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[_Chunk]]:
+        """Blocks [span) (default: all) on every chunk of rows."""
+        start, end = span or (0, self.swarm.num_blocks)
         slices = self._row_slices(hidden.shape[0], hidden.shape[1])
         results = await asyncio.gather(*(
-            self.remote.forward_span(0, self.swarm.num_blocks, hidden[rows], positions[rows],
+            self.remote.forward_span(start, end, hidden[rows], positions[rows],
                                      None if mask is None else mask[rows], extras, rows) for rows in slices))
         chunks = [_Chunk(rows, hops) for rows, (_, hops) in zip(slices, results)]
         return torch.cat([output for output, _ in results]), chunks
@@ -99,7 +101,8 @@ class RemoteTraining:
                 model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
                 hidden=encode_hidden(hidden, wire_format), grad_output=encode_hidden(grad, wire_format),
                 position_ids=_optional(positions), attention_mask=_optional(mask),
-                prompts=extras.prompts_for(hop, rows), lora=extras.lora_for(hop), adapter=extras.adapter))
+                prompts=extras.prompts_for(hop, rows), lora=extras.lora_for(hop), adapter=extras.adapter,
+                edits=extras.edits_for(hop, rows)))
             reply = _check_reply(await stream.recv(self.swarm.config.step_timeout), BackwardResult, hop)
         finally:
             stream.close()
@@ -127,19 +130,21 @@ def _check_grads(reply: BackwardResult, hidden: torch.Tensor, extras: Extras, ho
 
 
 class RemoteBlocksFunction(torch.autograd.Function):
-    """hidden (and deep prompts, LoRA weights) -> output of the last remote block, differentiable."""
+    """hidden (and deep prompts, LoRA weights) -> output of the last remote block of `span` (None: all blocks),
+    differentiable; `edits` (client/edits.py) apply in the forward and in the servers' recomputed forwards."""
 
     @staticmethod
     def forward(ctx, training: RemoteTraining, positions: torch.Tensor, mask: torch.Tensor | None,
-                lora_layout: tuple[float, tuple[str, ...]] | None, adapter: str | None, hidden: torch.Tensor,
+                lora_layout: tuple[float, tuple[str, ...]] | None, adapter: str | None,
+                span: tuple[int, int] | None, edits: tuple, hidden: torch.Tensor,
                 prompts: torch.Tensor | None, *lora_flat: torch.Tensor) -> torch.Tensor:
         lora = None
         if lora_layout is not None:
             scale, targets = lora_layout
             lora = ClientLora.from_flat(scale, targets, [t.detach() for t in lora_flat])
-        extras = Extras(prompts=None if prompts is None else prompts.detach(), lora=lora, adapter=adapter)
+        extras = Extras(prompts=None if prompts is None else prompts.detach(), lora=lora, adapter=adapter, edits=edits)
         swarm = training.swarm
-        output, chunks = swarm.call(training.forward(hidden.detach(), positions, mask, extras),
+        output, chunks = swarm.call(training.forward(hidden.detach(), positions, mask, extras, span),
                                     swarm.config.call_timeout)
         ctx.training, ctx.positions, ctx.mask, ctx.extras, ctx.chunks = training, positions, mask, extras, chunks
         return output
@@ -149,4 +154,4 @@ class RemoteBlocksFunction(torch.autograd.Function):
         training = ctx.training
         grads = training.swarm.call(training.backward(ctx.chunks, grad_output.contiguous(), ctx.positions, ctx.mask,
                                                       ctx.extras), training.swarm.config.call_timeout)
-        return (None, None, None, None, None, grads.hidden, grads.prompts, *grads.lora)
+        return (None, None, None, None, None, None, None, grads.hidden, grads.prompts, *grads.lora)

@@ -44,7 +44,7 @@ def bloom_embed(config: PretrainedConfig, parts: dict[str, nn.Module], spec: Fam
                 input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                 position_ids: torch.Tensor | None) -> torch.Tensor:
     embeds = parts[spec.embeddings_path](input_ids) if inputs_embeds is None else inputs_embeds
-    return parts["transformer.word_embeddings_layernorm"](embeds)
+    return parts[spec.embedding_norm_path](embeds)
 
 
 BLOOM = register(
@@ -56,6 +56,7 @@ BLOOM = register(
         block_prefix="transformer.h.{index}.",
         embeddings_path="transformer.word_embeddings",
         extra_client_paths=("transformer.word_embeddings_layernorm",),
+        embedding_norm_path="transformer.word_embeddings_layernorm",
         final_norm_path="transformer.ln_f",
         embed=bloom_embed,
         attn_implementation="eager",

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
 from corolla.errors import UnsupportedModelError
+from corolla.models.edits import BlockEdit
 from corolla.models.lora import BlockLora
 
 
@@ -28,6 +29,8 @@ class SpanInputs:
     lora:            LoRA deltas per block index (models/lora.py); None = the base model.
     prompts:         [blocks of the request, batch, pre_seq_len, hidden] deep prompts (models/prompts.py), or None.
     first_position:  position of the first new token (where the prompt positions are among them).
+    edits:           hidden-state edits after blocks (models/edits.py), applied in order.
+    record_layers:   a stateless forward also returns each block's output but the last (models/edits.py).
     """
 
     hidden: torch.Tensor
@@ -37,11 +40,13 @@ class SpanInputs:
     lora: dict[int, BlockLora] | None = None
     prompts: torch.Tensor | None = None
     first_position: int = 0
+    edits: tuple[BlockEdit, ...] = ()
+    record_layers: bool = False
 
     @property
     def plain(self) -> bool:
         """No adapter and no prompts: the base model's math, which any request on the same blocks shares."""
-        return not self.lora and self.prompts is None
+        return not self.lora and self.prompts is None and not self.edits
 
 
 def embed_tokens(config: PretrainedConfig, parts: dict[str, nn.Module], spec: "FamilySpec",
@@ -106,6 +111,8 @@ class FamilySpec:
     block_prefix: str = "model.layers.{index}."  # module path (and checkpoint name prefix) of block `index`
     embeddings_path: str = "model.embed_tokens"  # module path of the input embeddings in causal_lm_class
     final_norm_path: str = "model.norm"  # module path of the final norm
+    # Module path of a norm right after the embeddings (BLOOM's), or None: Petals' `word_embeddings_layernorm`.
+    embedding_norm_path: str | None = None
     lm_head_path: str = "lm_head"  # module path of the LM head
     # Further client-side modules (learned positions, the embedding LayerNorm of BLOOM, ...).
     extra_client_paths: tuple[str, ...] = ()

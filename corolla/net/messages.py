@@ -14,9 +14,18 @@ The server recomputes the forward and returns gradients; it keeps nothing, and n
 
 Fine-tuning: a request (or an inference session) may carry deep prompts and the client's own LoRA weights, or name
 an adapter the server hosts. They apply to that request (session) only.
+
+Research access (forward and backward requests): `edits` change the hidden states between blocks (activation
+steering, replacement) for that request only; `return_hidden_states` asks for every block's output in the same
+round trip. Wire cost of the latter: (blocks - 1) x batch x tokens x hidden_size x bytes per value (4 for float32,
+2 for 16-bit wire formats, ~1.06 for int8) on top of the usual output, e.g. 30 blocks x 1 x 512 x 4096 x 2 bytes =
+126 MB for a 30-block span of a 7B model in float16: a span's outputs cost as much as sending that many separate
+requests' outputs, without their round trips.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +50,23 @@ class LoraWeights(BaseModel):
                                                                          "block, e.g. self_attn.q_proj")
     a: list[WireTensor] = Field(max_length=8192, description="[r, in_features] per (block, target)")
     b: list[WireTensor] = Field(max_length=8192, description="[out_features, r] per (block, target)")
+
+
+class HiddenEdit(BaseModel):
+    """A change to the hidden states leaving one block, applied by the server before the next block runs (and in a
+    backward pass's recomputed forward, so gradients see the edited model)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["steer", "replace"] = Field(description="steer: add `values` to the hidden states; replace: "
+                                                          "overwrite them with `values`")
+    block: int = Field(ge=0, description="the block whose output is edited (its index in the whole model), inside "
+                                         "the request's blocks")
+    positions: list[int] | None = Field(default=None, max_length=65536,
+                                        description="token indices (0 = the request's first token), distinct; "
+                                                    "None = every token (steer only)")
+    values: WireTensor = Field(description="steer: [hidden_size], added at every listed position of every row; "
+                                           "replace: [batch, len(positions), hidden_size], written there")
 
 
 @message_type("open_session")
@@ -120,11 +146,18 @@ class ForwardRequest(Message):
                                                                  "hidden] deep prompts added before each block")
     lora: LoraWeights | None = Field(default=None, description="the client's own LoRA weights for these blocks")
     adapter: str | None = Field(default=None, max_length=200, description="a LoRA adapter the server hosts")
+    edits: list[HiddenEdit] = Field(default_factory=list, max_length=64,
+                                    description="hidden-state edits, applied in order after their blocks")
+    return_hidden_states: bool = Field(default=False, description="also return the output of every block but the "
+                                                                  "last (ForwardResult.hidden_states)")
 
 
 @message_type("forward_result")
 class ForwardResult(Message):
-    hidden: WireTensor
+    hidden: WireTensor = Field(description="[batch, tokens, hidden_size] output of end_block - 1")
+    hidden_states: WireTensor | None = Field(default=None, description="[end_block - start_block - 1, batch, tokens, "
+                                             "hidden_size] outputs of blocks start_block..end_block - 2 (after "
+                                             "their edits), when asked for and the request has more than one block")
 
 
 @message_type("backward_request")

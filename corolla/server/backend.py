@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
+from corolla.models.edits import edits_applied
 from corolla.models.lora import lora_applied
 from corolla.models.prompts import prompts_applied
 from corolla.models.spec import FamilySpec, SpanInputs
@@ -23,6 +24,14 @@ class Gradients:
     hidden: torch.Tensor  # [batch, tokens, hidden_size], same dtype as the hidden states sent
     prompts: torch.Tensor | None  # like SpanInputs.prompts, when prompts were sent
     lora: list[tuple[torch.Tensor, torch.Tensor]]  # (grad A, grad B) per delta, in the order of `lora_order`
+
+
+@dataclass
+class SpanOutput:
+    """A stateless forward's result when each block's output was asked for (inputs.record_layers)."""
+
+    hidden: torch.Tensor  # [batch, tokens, hidden_size] output of the last block, like run_sync's plain result
+    layers: torch.Tensor | None  # [blocks - 1, batch, tokens, hidden_size] outputs of the other blocks; None for one
 
 
 def lora_order(inputs: SpanInputs) -> list[tuple[int, str]]:
@@ -50,14 +59,27 @@ class BlockBackend:
     def new_cache(self) -> Cache:
         return self.spec.make_cache(self.config)
 
-    def run_sync(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
+    def run_sync(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor | SpanOutput:
         """A stateless forward of blocks [start_block, end_block); inputs longer than `prefill_chunk` tokens go
-        through in chunks over a temporary cache, so no tokens x tokens attention matrix is built."""
+        through in chunks over a temporary cache, so no tokens x tokens attention matrix is built. With
+        inputs.record_layers, a SpanOutput with every block's output."""
         if inputs.cache is not None:
             raise ValueError("run_sync is for stateless forwards; session steps go through the engine")
+        if inputs.record_layers:
+            return self._run_recorded(start_block, end_block, inputs)
+        return self._run_chunked(start_block, end_block, inputs)
+
+    def _run_recorded(self, start_block: int, end_block: int, inputs: SpanInputs) -> SpanOutput:
+        recorded: list[list[torch.Tensor]] = [[] for _ in range(end_block - start_block)]  # per block, per chunk
+        hidden = self._run_chunked(start_block, end_block, inputs, recorded)
+        layers = [torch.cat(chunks, dim=1).to("cpu", inputs.hidden.dtype) for chunks in recorded[:-1]]
+        return SpanOutput(hidden, torch.stack(layers) if layers else None)
+
+    def _run_chunked(self, start_block: int, end_block: int, inputs: SpanInputs,
+                     recorded: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
         tokens = inputs.hidden.shape[1]
         if tokens <= self.prefill_chunk:
-            return self._run_once(start_block, end_block, inputs)
+            return self._run_once(start_block, end_block, inputs, recorded)
         cache = self.new_cache()
         outputs = []
         for begin in range(0, tokens, self.prefill_chunk):
@@ -65,7 +87,7 @@ class BlockBackend:
             mask = None if inputs.attention_mask is None else inputs.attention_mask[:, :end]
             chunk = replace(inputs, hidden=inputs.hidden[:, begin:end], position_ids=inputs.position_ids[:, begin:end],
                             attention_mask=mask, cache=cache, first_position=inputs.first_position + begin)
-            outputs.append(self._run_once(start_block, end_block, chunk))
+            outputs.append(self._run_once(start_block, end_block, chunk, recorded))
         return torch.cat(outputs, dim=1)
 
     def on_device(self, inputs: SpanInputs) -> SpanInputs:
@@ -78,20 +100,25 @@ class BlockBackend:
         )
 
     @contextlib.contextmanager
-    def _extras(self, start_block: int, end_block: int, inputs: SpanInputs):
-        """The request's LoRA deltas and deep prompts, hooked onto the blocks for this run only."""
+    def _extras(self, start_block: int, end_block: int, inputs: SpanInputs,
+                recorded: list[list[torch.Tensor]] | None = None):
+        """The request's LoRA deltas, deep prompts and hidden-state edits (and the recording of each block's
+        output), hooked onto the blocks for this run only."""
         blocks = self.blocks[start_block - self.start:end_block - self.start]
         deltas = [(inputs.lora or {}).get(block) for block in range(start_block, end_block)]
-        with lora_applied(blocks, deltas), prompts_applied(blocks, inputs.prompts, inputs.first_position):
+        with (lora_applied(blocks, deltas), prompts_applied(blocks, inputs.prompts, inputs.first_position),
+              edits_applied(blocks, start_block, inputs.edits, inputs.first_position, recorded)):
             yield blocks
 
-    def _run_once(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
-        return self.compute(start_block, end_block, self.on_device(inputs)).to("cpu", inputs.hidden.dtype)
+    def _run_once(self, start_block: int, end_block: int, inputs: SpanInputs,
+                  recorded: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+        return self.compute(start_block, end_block, self.on_device(inputs), recorded).to("cpu", inputs.hidden.dtype)
 
-    def compute(self, start_block: int, end_block: int, inputs: SpanInputs) -> torch.Tensor:
-        """Blocks [start_block, end_block) on inputs already on the device, the ordinary way (the request's LoRA
-        and deep prompts hooked on for this run only); returns the output on the device."""
-        with torch.inference_mode(), self._extras(start_block, end_block, inputs) as blocks:
+    def compute(self, start_block: int, end_block: int, inputs: SpanInputs,
+                recorded: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """Blocks [start_block, end_block) on inputs already on the device, the ordinary way (the request's LoRA,
+        deep prompts and edits hooked on for this run only); returns the output on the device."""
+        with torch.inference_mode(), self._extras(start_block, end_block, inputs, recorded) as blocks:
             return self.spec.run_span(self.config, self.helpers, blocks, start_block, inputs)
 
     def backward_sync(self, start_block: int, end_block: int, inputs: SpanInputs,

@@ -19,7 +19,8 @@ from corolla.net.messages import (PUSH_PROTOCOL, BackwardRequest, BackwardResult
                                   StepResult)
 from corolla.net.node import MessageStream, Node
 from corolla.net.wire import FrameTooLargeError, WireTensor
-from corolla.server.backend import BlockBackend
+from corolla.models.edits import BlockEdit
+from corolla.server.backend import BlockBackend, SpanOutput
 from corolla.server.engine import Engine, SpanRequest
 from corolla.server.engine import Step as EngineStep
 from corolla.server.extras import HostedAdapters, parse_extras, parse_prompts
@@ -121,7 +122,36 @@ def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits
     prompts = parse_prompts(request.prompts, blocks, batch, backend.config.hidden_size)
     lora = parse_extras(adapters or HostedAdapters(), request.adapter, request.lora, backend, request.start_block, request.end_block)
     return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=None, lora=lora,
-                      prompts=prompts)
+                      prompts=prompts, edits=parse_edits(request, batch, tokens, backend.config.hidden_size),
+                      record_layers=request.return_hidden_states)
+
+
+def parse_edits(request: ForwardRequest, batch: int, tokens: int, width: int) -> tuple[BlockEdit, ...]:
+    """The request's hidden-state edits, checked: a block of the request, distinct positions among its tokens,
+    finite float values of the right shape."""
+    edits = []
+    for i, edit in enumerate(request.edits):
+        name = f"edits[{i}]"
+        if not request.start_block <= edit.block < request.end_block:
+            raise BadRequestError(f"{name}: block {edit.block} is not among the request's blocks "
+                                  f"{request.start_block}..{request.end_block - 1}")
+        positions = None
+        if edit.positions is not None:
+            positions = torch.tensor(edit.positions, dtype=torch.int64)
+            if len(set(edit.positions)) != len(edit.positions) or bool(((positions < 0) | (positions >= tokens)).any()):
+                raise BadRequestError(f"{name}: positions must be distinct token indices in [0, {tokens})")
+        elif edit.kind == "replace":
+            raise BadRequestError(f"{name}: a replace edit needs positions")
+        shape = [width] if edit.kind == "steer" else [batch, len(edit.positions), width]
+        if not edit.values.is_float or list(edit.values.shape) != shape:
+            raise BadRequestError(f"{name}: {edit.kind} values must be a float tensor of shape {shape}, got "
+                                  f"{edit.values.dtype} {list(edit.values.shape)}")
+        values = edit.values.to_torch(f"{name}.values")
+        if not bool(torch.isfinite(values).all()):
+            raise BadRequestError(f"{name}: values contain NaN or Inf")
+        edits.append(BlockEdit(edit.block, positions, add=values if edit.kind == "steer" else None,
+                               values=values if edit.kind == "replace" else None))
+    return tuple(edits)
 
 
 def parse_backward(request: BackwardRequest, backend: BlockBackend, limits: Limits,
@@ -334,6 +364,8 @@ class Handlers:
 
     async def _forward_reply(self, request: ForwardRequest) -> ForwardResult:
         output = await self._compute(request, parse_forward(request, self.backend, self.limits, self.adapters))
+        if isinstance(output, SpanOutput):
+            return _with_hidden_states(output, request.hidden.codec, self._perturbed)
         return ForwardResult(hidden=WireTensor.from_torch(self._perturbed(output), codec=request.hidden.codec))
 
     async def _backward_reply(self, request: BackwardRequest) -> BackwardResult:
@@ -352,6 +384,12 @@ class Handlers:
     async def _delay(self) -> None:
         if self.limits.link_delay > 0:
             await asyncio.sleep(self.limits.link_delay)
+
+
+def _with_hidden_states(output: SpanOutput, codec: str, perturbed) -> ForwardResult:
+    """A forward's answer carrying every block's output (return_hidden_states), in the request's codec."""
+    layers = None if output.layers is None else WireTensor.from_torch(perturbed(output.layers), codec=codec)
+    return ForwardResult(hidden=WireTensor.from_torch(perturbed(output.hidden), codec=codec), hidden_states=layers)
 
 
 async def _reply_error(stream: MessageStream, error: Exception, kind: str | None = None) -> None:
