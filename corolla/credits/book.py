@@ -65,6 +65,7 @@ class CreditBook:
         self.roots = frozenset(trusted) | {own_peer_id}
         self.half_life, self.damping = half_life, damping
         self.stats = BookStats()
+        self.started = clock()  # unix time this book was opened (a restart shows as a later one)
         self._payers: dict[str, _Payer] = {}
         self._speaks_for: dict[str, tuple[str, float]] = {}  # client peer -> (identity, delegation expiry)
         self._credited: Counter = Counter()  # identity -> credited sessions open
@@ -213,4 +214,4 @@ class CreditBook:
                           key=lambda item: -item[1])[:PUBLISHED_STANDING]
         return {"receipts": [encode(r) for r in receipts[:PUBLISHED_RECEIPTS] if r.block_tokens > 0],
                 "standing": {who: (-1.0 if math.isinf(value) else value) for who, value in standing},
-                "served_block_tokens": self.served_block_tokens}
+                "served_block_tokens": self.served_block_tokens, "started": self.started}
