@@ -372,3 +372,31 @@ def test_cache_room_goes_to_the_credited_waiter_first():
         assert got == ["credited", "free"]
 
     asyncio.run(main())
+
+
+def test_the_credits_command_writes_delegations_and_shows_ledgers(tmp_path, tiny_llama, capsys, keys):
+    from corolla.cli import main
+    from corolla.models.checkpoint import load_config, model_id
+    from corolla.net.auth import generate_identity, peer_id_of_identity
+
+    generate_identity(tmp_path / "server.key")
+    main(["credits", "delegate", str(tiny_llama), "--server-identity", str(tmp_path / "server.key"),
+          "--client-identity", str(tmp_path / "client.key"), "--out", str(tmp_path / "d.bin"), "--days", "1"])
+    delegation = load_delegation(tmp_path / "d.bin")
+    swarm = model_id(load_config(tiny_llama), tiny_llama.name)
+    assert delegation.delegate == peer_id_of_identity(tmp_path / "client.key") and delegation.swarm == swarm
+    assert peer_id_of_public_key(delegation.issuer_key) == peer_id_of_identity(tmp_path / "server.key")
+
+    server = peer(keys["server"])
+    book = CreditBook(Ledger(tmp_path / "server.sqlite"), swarm, server, frozenset())
+    payer = Payer(keys["alice"], swarm)
+    book.open_session(peer(keys["alice"]), None)
+    book.served(peer(keys["alice"]), 1234)
+    payer.accepted(server, 1234)
+    book.accept(payer.receipt(server), peer(keys["alice"]))
+    book.close()
+    capsys.readouterr()
+    main(["credits", "show", str(tiny_llama), "--ledger", str(tmp_path / "server.sqlite")])
+    shown = capsys.readouterr().out
+    assert f"{swarm}: earned 1,234, spent 0, served 1,234 block-tokens" in shown
+    assert f"earned          1,234 block-tokens from {peer(keys['alice'])}" in shown
