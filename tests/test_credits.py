@@ -400,3 +400,18 @@ def test_the_credits_command_writes_delegations_and_shows_ledgers(tmp_path, tiny
     shown = capsys.readouterr().out
     assert f"{swarm}: earned 1,234, spent 0, served 1,234 block-tokens" in shown
     assert f"earned          1,234 block-tokens from {peer(keys['alice'])}" in shown
+
+
+def test_forward_work_is_counted_but_does_not_cost_priority(tmp_path, keys):
+    server, alice = peer(keys["server"]), keys["alice"]
+    book = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    payer = Payer(alice, SWARM)
+    session = book.open_session(peer(alice), payer.receipt(server))
+    for _ in range(3 * RECEIPT_SLACK_STEPS):  # training: forwards and backwards, which clients do not sign for
+        book.served(peer(alice), 100, receipted=False)
+    book.served(peer(alice), 5)
+    payer.accepted(server, 5)
+    book.accept(payer.receipt(server), peer(alice))
+    assert book.priority(session) == ROOT
+    book.close()
+    assert _book(tmp_path, "s", server).served_block_tokens == 3 * RECEIPT_SLACK_STEPS * 100 + 5

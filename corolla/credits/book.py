@@ -31,6 +31,9 @@ PUBLISHED_RECEIPTS = 32  # the largest receipts this server puts in the DHT (the
 PUBLISHED_STANDING = 64  # identities with the most standing here, published for `corolla credits`
 
 
+_STATELESS = "stateless:"  # ledger rows of forward and backward work (a peer id never starts so)
+
+
 def credits_key(swarm: str) -> str:
     """DHT key of the servers' credits records (subkey = the publishing server: only it can write there)."""
     return f"{swarm}.credits"
@@ -72,8 +75,12 @@ class CreditBook:
         self._unsaved: Counter = Counter()  # block-tokens served, not yet in the ledger
         self._verified: dict[bytes, Edge] = {}  # signature -> edge, for receipts read from the DHT
         self.standing: dict[str, float] = {}
+        self._stateless = 0  # block-tokens of forwards and backwards: counted, not receipted (yet)
         for peer, served in ledger.served(swarm).items():
-            self._payer(peer).served = served
+            if peer.startswith(_STATELESS):
+                self._stateless += served
+            else:
+                self._payer(peer).served = served
         for receipt in ledger.receipts(EARNED, swarm):
             self._payer(receipt.payer).latest = Latest(receipt.sequence, receipt.block_tokens)
         self.refresh({})
@@ -86,7 +93,7 @@ class CreditBook:
 
     @property
     def served_block_tokens(self) -> int:
-        return sum(payer.served for payer in self._payers.values())
+        return sum(payer.served for payer in self._payers.values()) + self._stateless
 
     # ---- receipts and work (event loop thread) ---------------------------------------------------------------
 
@@ -113,8 +120,13 @@ class CreditBook:
         self.ledger.put(EARNED, receipt)
         self._flush_served()
 
-    def served(self, peer: str, block_tokens: int) -> None:
-        """`block_tokens` of work done for `peer` (one step, forward or backward)."""
+    def served(self, peer: str, block_tokens: int, receipted: bool = True) -> None:
+        """`block_tokens` of work done for `peer`: an inference step (receipted: clients sign for those), or a
+        stateless forward or backward (counted in what this server served, not expected in receipts)."""
+        if not receipted:
+            self._stateless += block_tokens
+            self._unsaved[_STATELESS + peer] += block_tokens
+            return
         payer = self._payer(peer)
         payer.served += block_tokens
         payer.unpaid.append(payer.served)

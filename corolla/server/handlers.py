@@ -329,7 +329,8 @@ class Handlers:
             self._check_model(request.model_id)
             reply = await answer(request)
             passes = 2 if expected is BackwardRequest else 1  # a backward recomputes the forward: twice the work
-            self._count_work(stream.peer_id, request.hidden, (request.end_block - request.start_block) * passes)
+            self._count_work(stream.peer_id, request.hidden, (request.end_block - request.start_block) * passes,
+                             receipted=False)
         except BadRequestError as e:
             await _reply_error(stream, e)
         except (EOFError, ConnectionError, asyncio.TimeoutError):
@@ -367,10 +368,10 @@ class Handlers:
         except ReceiptError as e:
             logger.info("rejected a receipt from %s: %s", peer_id, e)
 
-    def _count_work(self, peer_id: str, hidden, blocks: int) -> None:
+    def _count_work(self, peer_id: str, hidden, blocks: int, receipted: bool = True) -> None:
         """Block-tokens served to `peer_id`: sequences x new tokens x blocks (`hidden`: a tensor or WireTensor)."""
         if self.credits is not None:
-            self.credits.served(peer_id, hidden.shape[0] * hidden.shape[1] * blocks)
+            self.credits.served(peer_id, hidden.shape[0] * hidden.shape[1] * blocks, receipted)
 
     def _perturbed(self, output: torch.Tensor) -> torch.Tensor:
         if self.limits.perturb <= 0:
