@@ -9,7 +9,7 @@ thinks between steps: free riders' p50 against the contributor's, throughput aga
 receipts per step (signing + checking one receipt every RECEIPT_EVERY_STEPS steps, against a decode step; and the
 contributor's idle p50 with receipts against without).
 
-    python benchmarks/credits_contention.py                # ~3 minutes on 2 CPU cores
+    python benchmarks/credits_contention.py                # ~6 minutes on 2 CPU cores
     python benchmarks/credits_contention.py --steps 150    # shorter
 
 It is a benchmark, not a test: CPU numbers move with whatever else runs on the machine.
@@ -154,6 +154,7 @@ def receipt_cost(step_seconds: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="contributor decode steps per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every phase on both servers")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="corolla-credits-bench-"))
@@ -178,42 +179,55 @@ def main() -> None:
         for name, process in (("credits", credited), ("fcfs", fcfs)):
             line = swarm.wait_for_line(process, "ready:", 300)
             peers[name] = line.split(" as ")[1].split()[0]
-        results = {}
-        for name, key in (("credits", "contributor1"), ("fcfs", "contributor2")):
-            clients = Clients(swarm, model, peers[name], str(workdir / f"{key}.key"),
-                              str(workdir / f"{key}.delegation"))
-            try:
-                run_phase(clients, 20, 0)  # warm-up: routes, streams, first steps
-                results[name, "idle"] = run_phase(clients, args.steps, 0)
-                results[name, "contended"] = run_phase(clients, args.steps, RIDERS)
-                idle = results[name, "idle"]["p50"]
-                results[name, "uncontended"] = run_phase(clients, args.steps // 3, RIDERS, think=40 * idle)
-            finally:
-                clients.close()
+        clients = {name: Clients(swarm, model, peers[name], str(workdir / f"{key}.key"),
+                                 str(workdir / f"{key}.delegation"))
+                   for name, key in (("credits", "contributor1"), ("fcfs", "contributor2"))}
         plain = Clients(swarm, model, peers["credits"], None, None, credits=False)
+        results: dict = {}
         try:
-            run_phase(plain, 20, 0)
-            no_receipts = run_phase(plain, args.steps, 0)
+            for each in (*clients.values(), plain):
+                run_phase(each, 20, 0)  # warm-up: routes, streams, first steps
+            think = None
+            # Rounds alternate which server goes first, so that a change in the machine's load (other programs)
+            # does not land on one side only; medians over rounds are printed.
+            for round_index in range(args.rounds):
+                names = ("credits", "fcfs") if round_index % 2 == 0 else ("fcfs", "credits")
+                for name in names:
+                    idle = run_phase(clients[name], args.steps, 0)
+                    think = think or 40 * idle["p50"]  # the same think time on both servers
+                    results.setdefault((name, "idle"), []).append(idle)
+                    results.setdefault((name, "contended"), []).append(run_phase(clients[name], args.steps, RIDERS))
+                    results.setdefault((name, "uncontended"), []).append(
+                        run_phase(clients[name], args.steps // 6, RIDERS, think=think))
+                    if name == "credits":
+                        results.setdefault(("plain", "idle"), []).append(run_phase(plain, args.steps, 0))
         finally:
-            plain.close()
-    cost = receipt_cost(results["credits", "idle"]["p50"])
-    print(f"workdir {workdir}")
+            for each in (*clients.values(), plain):
+                each.close()
+
+    def median(name: str, phase: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name, phase])
+
+    cost = receipt_cost(median("credits", "idle", "p50"))
+    print(f"workdir {workdir}; medians over {args.rounds} rounds")
     for name in ("credits", "fcfs"):
-        idle, busy, calm = (results[name, phase] for phase in ("idle", "contended", "uncontended"))
-        print(f"[{name}] contributor p50 idle {idle['p50'] * 1e3:.2f} ms, contended {busy['p50'] * 1e3:.2f} ms "
-              f"(x{busy['p50'] / idle['p50']:.2f}); free riders' share of steps {busy['rider_share']:.1%}, slowest "
-              f"rider {busy['slowest_rider_steps']} steps, longest rider gap {busy['longest_gap'] * 1e3:.0f} ms")
-        print(f"[{name}] uncontended (think {40 * idle['p50'] * 1e3:.0f} ms): contributor p50 {calm['p50'] * 1e3:.2f} "
-              f"ms, free riders p50 {calm['rider_p50'] * 1e3:.2f} ms (x{calm['rider_p50'] / calm['p50']:.3f}), "
-              f"throughput {calm['throughput']:.1f} steps/s")
+        idle, busy = median(name, "idle", "p50"), median(name, "contended", "p50")
+        print(f"[{name}] contributor p50 idle {idle * 1e3:.2f} ms, contended {busy * 1e3:.2f} ms (x{busy / idle:.2f}); "
+              f"free riders' share of steps {median(name, 'contended', 'rider_share'):.1%}, slowest rider "
+              f"{median(name, 'contended', 'slowest_rider_steps'):.0f} steps, longest rider gap "
+              f"{median(name, 'contended', 'longest_gap') * 1e3:.0f} ms")
+        calm, calm_riders = median(name, "uncontended", "p50"), median(name, "uncontended", "rider_p50")
+        print(f"[{name}] uncontended (think {think * 1e3:.0f} ms): contributor p50 {calm * 1e3:.2f} ms, free riders "
+              f"p50 {calm_riders * 1e3:.2f} ms (x{calm_riders / calm:.3f}), throughput "
+              f"{median(name, 'uncontended', 'throughput'):.1f} steps/s")
     for phase in ("contended", "uncontended"):
-        print(f"throughput {phase}: credits {results['credits', phase]['throughput']:.1f} / fcfs "
-              f"{results['fcfs', phase]['throughput']:.1f} steps/s = "
-              f"{results['credits', phase]['throughput'] / results['fcfs', phase]['throughput']:.3f}")
+        on, off = median("credits", phase, "throughput"), median("fcfs", phase, "throughput")
+        print(f"throughput {phase}: credits {on:.1f} / first come first served {off:.1f} steps/s = {on / off:.3f}")
+    with_receipts, without = median("credits", "idle", "p50"), median("plain", "idle", "p50")
     print(f"receipts: sign {cost['sign_ms']:.2f} ms + check {cost['check_ms']:.3f} ms per receipt, one per "
           f"{RECEIPT_EVERY_STEPS} steps = {cost['per_step_share']:.2%} of an idle decode step; idle p50 with receipts "
-          f"{results['credits', 'idle']['p50'] * 1e3:.2f} ms vs client without credits {no_receipts['p50'] * 1e3:.2f}"
-          f" ms (x{results['credits', 'idle']['p50'] / no_receipts['p50']:.3f})")
+          f"{with_receipts * 1e3:.2f} ms vs the same server, client without credits {without * 1e3:.2f} ms "
+          f"(x{with_receipts / without:.3f})")
 
 
 if __name__ == "__main__":
