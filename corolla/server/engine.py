@@ -3,7 +3,8 @@
 Handlers translate messages into requests and await the answers; they never touch caches or device tensors.
 The engine's compute thread repeats three calls on plain data:
 - `plan()` picks the next batch: all waiting steps that can share a forward with the first one (same blocks,
-  same number of new tokens, same adapter, no padding mask or deep prompts), else one request;
+  same number of new tokens, same adapter, no padding mask or deep prompts), else one request; under contention,
+  in credits order (`_in_line`: credited sessions first, one plan in FREE_RIDER_TURN for the oldest free rider);
 - `execute(plan)` runs it: from a CUDA graph captured for the batch's size bucket where it can (graphs.py), else
   the ordinary way over the paged KV memory (kv.py);
 - `apply(plan, outputs)` sets each session's length and resolves its request.
