@@ -78,7 +78,7 @@ def _record(client: SwarmClient, server: str, check, timeout: float = 30.0) -> d
 
 
 def test_standing_flows_from_a_trusted_client_through_a_delegation(credits_swarm, tiny_llama):
-    swarm, keys, peers, _, _ = credits_swarm
+    swarm, keys, peers, h, _ = credits_swarm
     work = (PROMPT + DECODE) * 5  # block-tokens of one session over the 5 blocks
 
     operator = _client(swarm, tiny_llama, peers["a"], identity=str(keys / "operator.key"))
@@ -101,6 +101,9 @@ def test_standing_flows_from_a_trusted_client_through_a_delegation(credits_swarm
     try:
         _generate(contributor)
         _generate(free_rider)
+        log = h.log()  # H placed the contributor's session as A's, and the other as a free rider's
+        assert f"credits: {contributor.payer.peer_id} opens a session as {peers['a']}, standing {work} " in log
+        assert f"credits: {free_rider.payer.peer_id} opens a session as {free_rider.payer.peer_id}, a free rider" in log
         h_record = _record(contributor, peers["h"], lambda r: len(r["receipts"]) == 2)
         receipts = {decode(r).payer: decode(r) for r in h_record["receipts"]}
         paid_as_a = receipts[contributor.payer.peer_id]

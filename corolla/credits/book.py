@@ -154,6 +154,11 @@ class CreditBook:
                 logger.info("session of %s opened without credit: %s", peer, e)
         session = SessionCredit(peer)
         self._take_slot(session)
+        identity = self.identity(peer)
+        standing = self.standing.get(identity, 0.0) if session.slot is not None else 0.0
+        logger.info("credits: %s opens a session as %s, %s", peer, identity,
+                    "a free rider" if not standing else "trusted" if math.isinf(standing) else
+                    f"standing {standing:.0f} block-tokens")
         return session
 
     def _take_slot(self, session: SessionCredit) -> None:
