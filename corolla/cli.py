@@ -151,7 +151,8 @@ def _add_optional_commands(commands) -> None:
     """Commands defined next to their feature (e.g. corolla/api/commands.py: api, chat, health)."""
     import importlib
 
-    for module_name in ("corolla.api.commands", "corolla.models.commands", "corolla.hub_commands"):
+    for module_name in ("corolla.api.commands", "corolla.models.commands", "corolla.hub_commands",
+                        "corolla.credits.commands"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:

@@ -102,3 +102,21 @@ def test_research_fields_round_trip():
                                                                           "data": b"\0\0\0\0"},
             "edits": [{"kind": "rewrite", "block": 0, "values": {"dtype": "float32", "shape": [1],
                                                                   "data": b"\0\0\0\0"}}]}}))
+
+
+def test_work_receipt_round_trip_and_open_session_carries_one():
+    # Credits (corolla/credits): a signed cumulative receipt, alone on an inference stream or inside OpenSession.
+    from corolla.net.messages import Delegation, WorkReceipt
+
+    delegation = Delegation(issuer_key=b"k" * 294, delegate="QmClient", swarm="m", expires=2e9, signature=b"s" * 256)
+    receipt = WorkReceipt(swarm="m", payer="QmClient", payer_key=b"p" * 294, payee="QmServer", block_tokens=140,
+                          sequence=3, time=1.8e9, delegation=delegation, signature=b"r" * 256)
+    assert decode(encode(receipt)) == receipt
+    body = msgpack.unpackb(encode(receipt))["body"]
+    assert msgpack.unpackb(encode(receipt))["type"] == "work_receipt"
+    assert sorted(body) == ["block_tokens", "delegation", "payee", "payer", "payer_key", "sequence", "signature",
+                            "swarm", "time"]
+    opened = decode(encode(OpenSession(model_id="m", start_block=0, end_block=1, max_length=4, receipt=receipt)))
+    assert opened.receipt == receipt
+    with pytest.raises(BadRequestError, match="work_receipt.block_tokens"):
+        decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION, "body": {**body, "block_tokens": -1}}))

@@ -30,6 +30,8 @@ class ServerView(_Frozen):
     end_block: int = Field(description="one past the last block of its span")
     throughput: float = Field(description="announced inference tokens/s over its span")
     cache_tokens_left: int = Field(description="attention-cache room, in tokens")
+    served_block_tokens: int = Field(default=0, description="work it did for clients, ever: tokens through blocks "
+                                                            "(credits; a backward pass counts twice)")
     dtype: str
     quant: str
     adapters: list[str] = Field(description="adapters it serves (empty when it announces none)")
@@ -79,7 +81,8 @@ def _server_view(peer: PeerRecord, rtt: float | None) -> ServerView:
     return ServerView(
         peer_id=peer.peer_id, name=record.public_name or f"…{peer.peer_id[-8:]}", state=record.state,
         start_block=record.start_block, end_block=record.end_block, throughput=record.throughput,
-        cache_tokens_left=record.cache_tokens_left, dtype=record.dtype, quant=record.quant,
+        cache_tokens_left=record.cache_tokens_left, served_block_tokens=record.served_block_tokens,
+        dtype=record.dtype, quant=record.quant,
         adapters=[str(a) for a in adapters], version=record.version,
         rtt_ms=None if rtt is None else round(rtt * 1000, 3),
     )

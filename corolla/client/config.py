@@ -30,3 +30,7 @@ class ClientConfig:
     # for one-token steps), row (as loaded), column (the same values with transposed strides) or rowdot (row-major,
     # one dot product per row); see models/layout.py.
     weight_layout: str = "auto"
+    # Credits (docs/incentives.md): sign receipts for the work servers did for this client (after output checks).
+    credits: bool = True
+    delegation_file: str | None = None  # from `corolla credits delegate`: sessions count as the delegating server's
+    credits_ledger: str | None = None  # SQLite file keeping the receipts signed (needed with a stable --identity)

@@ -375,7 +375,26 @@ class InferenceSession:
                 attempts.failed(failed.hop, e)
                 await _no_replacement_names(failed.hop, e, self._reroute(failed_index))
                 progress.contacting = progress.index
+        await self._send_receipts(due_only=True)
         return progress.x[:, inputs.start - progress.start:]
+
+    def _accepted(self, hop_session: _HopSession, sent: torch.Tensor) -> None:
+        """The hop's output for `sent` passed every check: it counts toward the server's receipt."""
+        if self.swarm.payer is not None:
+            hop = hop_session.hop
+            self.swarm.payer.accepted(hop.peer_id, sent.shape[0] * sent.shape[1] * (hop.end - hop.start))
+
+    async def _send_receipts(self, due_only: bool) -> None:
+        """Send each server of the route its receipt: when one is due (every few steps), or all owed (closing).
+        A failed send is not an error: the next step finds out whether the stream still works."""
+        payer = self.swarm.payer
+        for hop_session in self._hops if payer is not None else ():
+            peer = hop_session.hop.peer_id
+            if hop_session.stream is not None and (payer.due(peer) if due_only else payer.owes(peer)):
+                try:
+                    await asyncio.wait_for(hop_session.stream.send(payer.receipt(peer)), 2)
+                except Exception:
+                    logger.debug("sending a receipt to %s failed", peer, exc_info=True)
 
     async def _run_direct(self, progress: "_Progress", inputs: _StepInputs) -> None:
         """Run hop `progress.index` alone. A fresh server (after a re-route) gets the same kind of step, only from
@@ -390,6 +409,7 @@ class InferenceSession:
                               reorder=None if hop_session.needs_replay else self._reorder)
         output = await self._receive(hop_session, sent)
         await self._maybe_check(hop_session, full, inputs, output[:, inputs.start - start:])
+        self._accepted(hop_session, sent)
         hop_session.needs_replay = False
         progress.advance(output, start)
 
@@ -420,6 +440,7 @@ class InferenceSession:
             reply_pushed, output = await self._receive(hop_session, progress.x, want_pushed=True)
             full = hop_session.history.put(inputs.start, progress.x)
             await self._maybe_check(hop_session, full, inputs, output)
+            self._accepted(hop_session, progress.x)
             progress.advance(output, inputs.start)
             if not reply_pushed:
                 return  # the next server did not get it: the caller continues hop by hop from here
@@ -447,7 +468,8 @@ class InferenceSession:
             await stream.send(OpenSession(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
                                           max_length=self.max_length, batch_size=self.batch_size,
                                           cache_wait=self.swarm.config.cache_wait, adapter=self.extras.adapter,
-                                          lora=self.extras.lora_for(hop)))
+                                          lora=self.extras.lora_for(hop),
+                                          receipt=self.swarm.payer.receipt(hop.peer_id) if self.swarm.payer else None))
             opened = _check_reply(await stream.recv(self.swarm.config.step_timeout), SessionOpened, hop)
         except BaseException:
             stream.close()
@@ -488,9 +510,10 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
-        hops, self._hops = self._hops, []
+        hops = self._hops
 
         async def close_all():
+            await self._send_receipts(due_only=False)
             for hop_session in hops:
                 if hop_session.stream is not None:
                     try:
@@ -503,6 +526,7 @@ class InferenceSession:
             self.swarm.call(close_all(), timeout=10)
         except Exception:
             logger.debug("closing session streams failed", exc_info=True)
+        self._hops = []
 
     def __enter__(self) -> "InferenceSession":
         return self

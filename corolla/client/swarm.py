@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Coroutine
 
 from corolla.client.config import ClientConfig
+from corolla.credits.payer import Payer, make_payer
 from corolla.client.routing import (Hop, RouteFilter, largest_session, missing_ranges, plan_balanced_route,
                                     plan_fastest_route)
 from corolla.errors import CacheFullError, MissingBlocksError
@@ -43,6 +44,7 @@ class SwarmClient:
         except BaseException:
             self._stop_loop()
             raise
+        self.payer: Payer | None = make_payer(self.node, model_id, config)  # None: credits off
         atexit.register(_close_ref, weakref.ref(self))
 
     def call(self, coroutine: Coroutine, timeout: float | None = None) -> Any:

@@ -69,6 +69,37 @@ class HiddenEdit(BaseModel):
                                            "replace: [batch, len(positions), hidden_size], written there")
 
 
+class Delegation(BaseModel):
+    """A server's permission for a client key to speak for it in credits (corolla/credits/receipts.py): receipts
+    that client signs count as paid by the server's identity, and its sessions get the server's standing."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    issuer_key: bytes = Field(max_length=1024, description="the server's RSA public key, DER "
+                                                           "SubjectPublicKeyInfo; its peer id is the identity")
+    delegate: str = Field(max_length=100, description="peer id of the client allowed to speak for the server")
+    swarm: str = Field(max_length=200, description="model id (DHT) the delegation is good for")
+    expires: float = Field(description="unix time after which the delegation is void")
+    signature: bytes = Field(max_length=1024, description="RSA-PSS SHA-256 by issuer_key over the fields above")
+
+
+@message_type("work_receipt")
+class WorkReceipt(Message):
+    """A client's signed acknowledgement of all the work one server did for it so far (cumulative, never
+    decreasing). Sent on an inference stream between steps (no answer), or inside OpenSession."""
+
+    swarm: str = Field(max_length=200, description="model id (DHT) of the work")
+    payer: str = Field(max_length=100, description="peer id of the signing client (the hash of payer_key)")
+    payer_key: bytes = Field(max_length=1024, description="the client's RSA public key, DER SubjectPublicKeyInfo")
+    payee: str = Field(max_length=100, description="peer id of the server that did the work")
+    block_tokens: int = Field(ge=0, description="tokens through blocks accepted from the payee so far, summed "
+                                                "over sessions (one token through one block = 1; backward = 2)")
+    sequence: int = Field(ge=1, description="increases with every receipt the payer signs for this payee")
+    time: float = Field(description="unix time of signing")
+    delegation: Delegation | None = Field(default=None, description="present when the payer speaks for a server")
+    signature: bytes = Field(max_length=1024, description="RSA-PSS SHA-256 by payer_key over every field above")
+
+
 @message_type("open_session")
 class OpenSession(Message):
     model_id: str = Field(max_length=200, description="DHT model id the client expects the server to serve")
@@ -82,6 +113,9 @@ class OpenSession(Message):
                                                                           "for this session's steps")
     lora: LoraWeights | None = Field(default=None, description="the client's own LoRA weights for this session "
                                                                "(dropped when it closes)")
+    receipt: WorkReceipt | None = Field(default=None, description="the client's latest receipt for this server "
+                                                                  "(with its delegation): credits the session "
+                                                                  "from its first step")
 
 
 @message_type("session_opened")

@@ -128,8 +128,9 @@ class Node:
     signature proves they come from the peer named by their subkey (and, in a private swarm, from a member).
     """
 
-    def __init__(self, p2p: P2P, dht: DHTNode, membership: Membership):
+    def __init__(self, p2p: P2P, dht: DHTNode, membership: Membership, identity_key=None):
         self._p2p, self._dht, self.membership = p2p, dht, membership
+        self.identity_key = identity_key  # RSA private key of this peer id (signs DHT records and work receipts)
         self.peer_id: str = p2p.peer_id.to_base58()
         self.meter = TransferMeter()  # bandwidth seen on this peer's incoming streams
 
@@ -186,7 +187,7 @@ class Node:
             hint = (" (this is a private swarm: check the swarm key file and that this peer's id "
                     f"{peer_id} is in the others' allow-lists)" if membership.private else "")
             raise CorollaError(f"could not join the swarm through initial peers {peers}: {e}{hint}") from e
-        return cls(p2p, dht, membership)
+        return cls(p2p, dht, membership, private_key)
 
     async def addresses(self) -> list[str]:
         """Multiaddrs (with /p2p/<peer id>) that other peers can use as --initial-peers."""

@@ -36,6 +36,8 @@ class ServerRecord(BaseModel):
                                                                  "hold here (0: not announced)")
     version: str = Field(default="", description="corolla version of the server")
     public_name: str = Field(default="", max_length=100, description="optional human-readable server name")
+    served_block_tokens: int = Field(default=0, ge=0, description="work this server did for clients, ever: tokens "
+                                                                  "through blocks (a backward pass counts twice)")
     started_at: float = Field(default=0.0, description="unix time the server process started (restarts change it)")
     next_pings: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, max_length=16,
                                          description="round-trip seconds to servers of the blocks after this span, "

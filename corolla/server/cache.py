@@ -57,6 +57,7 @@ class CacheManager:
         # Lowest first: a few sessions keep their pages near each other (and near the padding page).
         self._free = list(range(self.total_pages, PADDING_PAGE, -1))
         self._freed = asyncio.Condition()
+        self._waiting: list[float] = []  # priorities of the growers waiting for pages (credits: highest first)
 
     @property
     def free_pages(self) -> int:
@@ -96,19 +97,33 @@ class CacheManager:
         allocation.version += 1
         return Grow.OK
 
-    async def grow(self, allocation: Allocation, tokens: int, timeout: float) -> None:
-        """Like try_grow, waiting up to `timeout` seconds for pages; raises CacheFullError with the numbers."""
+    async def grow(self, allocation: Allocation, tokens: int, timeout: float, priority: float = 0.0) -> None:
+        """Like try_grow, waiting up to `timeout` seconds for pages; raises CacheFullError with the numbers.
+        Freed pages go to waiters of higher `priority` first (credits); among equals, whoever wakes first."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with self._freed:
-            while (result := self.try_grow(allocation, tokens)) == Grow.FULL:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._freed.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
+            waiting = False
+            try:
+                while True:
+                    ahead = any(other > priority for other in self._waiting)
+                    result = Grow.FULL if ahead else self.try_grow(allocation, tokens)
+                    if result != Grow.FULL:
+                        break
+                    if not waiting:
+                        self._waiting.append(priority)
+                        waiting = True
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        await asyncio.wait_for(self._freed.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
+            finally:
+                if waiting:  # those behind us in line may go now
+                    self._waiting.remove(priority)
+                    self._freed.notify_all()
         total = tokens * allocation.rows
         if result == Grow.NEVER:
             raise CacheFullError(f"server cache full: {total} tokens exceed this server's whole cache budget of "

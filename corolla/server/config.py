@@ -67,4 +67,12 @@ class ServerConfig:
                                                                         "every step, forward and backward fails"})
     debug_perturb_outputs: float = field(default=0.0, metadata={"help": "testing only: add Gaussian noise of this "
                                                                         "std to every output (a lying server)"})
+    credits: bool = field(default=True, metadata={"help": "under contention, serve sessions of contributors first "
+                                                          "(signed work receipts; docs/incentives.md); "
+                                                          "--no-credits serves first come, first served"})
+    trusted_peers: tuple[str, ...] = field(default=(), metadata={"help": "peer ids trusted outright for credits: "
+                                                                         "your own client keys, friends' servers"})
+    credits_ledger: str | None = field(default=None, metadata={"help": "SQLite file of this server's receipts and "
+                                                                       "served work (default: "
+                                                                       "~/.cache/corolla/credits/<peer id>.sqlite)"})
     wait_for_swarm: float = field(default=10.0, metadata={"help": "seconds to wait for the DHT when choosing blocks"})

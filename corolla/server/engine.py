@@ -3,7 +3,8 @@
 Handlers translate messages into requests and await the answers; they never touch caches or device tensors.
 The engine's compute thread repeats three calls on plain data:
 - `plan()` picks the next batch: all waiting steps that can share a forward with the first one (same blocks,
-  same number of new tokens, same adapter, no padding mask or deep prompts), else one request;
+  same number of new tokens, same adapter, no padding mask or deep prompts), else one request; under contention,
+  in credits order (`_in_line`: credited sessions first, one plan in FREE_RIDER_TURN for the oldest free rider);
 - `execute(plan)` runs it: from a CUDA graph captured for the batch's size bucket where it can (graphs.py), else
   the ordinary way over the paged KV memory (kv.py);
 - `apply(plan, outputs)` sets each session's length and resolves its request.
@@ -44,6 +45,10 @@ _INLINE_MAX_S = 0.05  # a lone session's decode steps run on the loop's thread o
 # with the first alone splits one batch into two forwards that each read every weight (a GPU decode step costs
 # about the same at 1 or 32 rows).
 _BATCH_WAIT_S = 0.002
+# Under contention, credited steps go first, except that one plan in FREE_RIDER_TURN starts with the oldest waiting
+# free rider (about 20% of the plans: nobody starves, and each free rider waits at most FREE_RIDER_TURN x its place
+# in line plans).
+FREE_RIDER_TURN = 5
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -62,6 +67,7 @@ class EngineSession:
     allocation: Allocation
     length: int = 0
     number: int = 0  # for logs
+    priority: float = 0.0  # credits standing (credits/book.py), set by the handlers; 0 = free rider
     _slots: torch.Tensor | None = field(default=None, repr=False)  # [rows, pages * page_tokens] flat token indices
     _slots_version: int = -1
 
@@ -150,6 +156,7 @@ class Engine:
         self.sessions: set[EngineSession] = set()
         self._numbers = itertools.count(1)
         self._inference: deque[_Pending] = deque()
+        self._credited_plans = 0  # plans in a row that started with a credited step while a free rider waited
         self._forward: deque[_Pending] = deque()
         self._wake = threading.Condition()
         self._computing = False  # a plan is being executed (guarded by _wake)
@@ -183,7 +190,7 @@ class Engine:
     async def reserve(self, session: EngineSession, tokens: int, timeout: float) -> None:
         """Make each row of `session` hold room for `tokens` tokens, waiting up to `timeout` s for other sessions
         to end; raises CacheFullError."""
-        await self.pages.grow(session.allocation, tokens, timeout)
+        await self.pages.grow(session.allocation, tokens, timeout, priority=session.priority)
 
     def reserve_now(self, session: EngineSession, tokens: int) -> None:
         """Like reserve, without waiting (start-up measurements, tests)."""
@@ -319,19 +326,39 @@ class Engine:
 
     def plan(self) -> Plan:
         """Pick what runs next (with _wake held): all waiting steps that can share a forward with the first
-        inference step, up to max_batch sequences; else the oldest stateless request."""
-        queue = self._inference or self._forward
-        first = queue.popleft()
+        inference step, in priority order (`_in_line`), up to max_batch sequences; else the oldest stateless
+        request. Nothing running is ever pre-empted; with room for everyone waiting, the order changes nothing."""
+        if not self._inference:
+            return Plan([self._forward.popleft()])
+        line = self._in_line()
+        first = line[0]
+        self._inference.remove(first)
         batch = [first]
-        if isinstance(first.request, Step) and first.request.shareable:
+        if first.request.shareable:
             rows, group = first.request.rows, first.request.group
-            for pending in list(self._inference):
+            for pending in line[1:]:
                 step = pending.request
                 if step.shareable and step.group == group and rows + step.rows <= self.max_batch:
                     self._inference.remove(pending)
                     batch.append(pending)
                     rows += step.rows
         return Plan(batch)
+
+    def _in_line(self) -> list[_Pending]:
+        """Waiting steps in the order they get places: credited ones first (highest standing, then oldest), then
+        free riders (oldest first); every FREE_RIDER_TURN-th plan the oldest free rider goes first."""
+        queue = list(self._inference)
+        credited = sorted((p for p in queue if p.request.session.priority > 0),
+                          key=lambda p: -p.request.session.priority)  # stable: oldest first among equals
+        free = [p for p in queue if p.request.session.priority <= 0]
+        if not credited or not free:
+            self._credited_plans = 0
+            return credited or free
+        if self._credited_plans >= FREE_RIDER_TURN - 1:
+            self._credited_plans = 0
+            return free[:1] + credited + free[1:]
+        self._credited_plans += 1
+        return credited + free
 
     def execute(self, plan: Plan) -> list:
         """Run a plan; returns one output per request (CPU tensors in the wire dtype, or Gradients)."""

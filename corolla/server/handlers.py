@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from corolla.credits.book import CreditBook
+from corolla.credits.receipts import ReceiptError
 from corolla.errors import BadRequestError, CacheFullError
 from corolla.models.spec import SpanInputs
 from corolla.net.messages import (PUSH_PROTOCOL, BackwardRequest, BackwardResult, CloseSession, ErrorReply,
                                   ForwardRequest, ForwardResult, OpenSession, PushedStep, SessionOpened, Step,
-                                  StepResult)
+                                  StepResult, WorkReceipt)
 from corolla.net.node import MessageStream, Node
 from corolla.net.wire import FrameTooLargeError, WireTensor
 from corolla.models.edits import BlockEdit
@@ -166,8 +168,9 @@ def parse_backward(request: BackwardRequest, backend: BlockBackend, limits: Limi
 
 class Handlers:
     def __init__(self, backend: BlockBackend, engine: Engine, model_id: str, limits: Limits, node: Node,
-                 adapters: HostedAdapters | None = None):
+                 adapters: HostedAdapters | None = None, credits: CreditBook | None = None):
         self.backend, self.engine, self.model_id = backend, engine, model_id
+        self.credits = credits  # None: credits off, everyone served first come, first served
         self.limits, self.node = limits, node
         self.adapters = adapters or HostedAdapters()
         self.sessions: dict[str, Session] = {}
@@ -194,6 +197,8 @@ class Handlers:
                             request.end_block)
         state = self.engine.open(request.start_block, request.end_block, request.batch_size, request.max_length, lora)
         session = Session(state=state, cache_wait=request.cache_wait, peer_id=peer_id)
+        if self.credits is not None:
+            session.credit = self.credits.open_session(peer_id, request.receipt)
         self.sessions[session.session_id] = session
         return session
 
@@ -205,6 +210,8 @@ class Handlers:
     async def _close(self, session: Session) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
             await self.engine.close(session.state)
+            if session.credit is not None:
+                self.credits.close_session(session.credit)
 
     async def inference(self, stream: MessageStream) -> None:
         try:
@@ -250,6 +257,9 @@ class Handlers:
             except (EOFError, ConnectionError, asyncio.IncompleteReadError):
                 session.inbox.put_nowait(CloseSession())
                 return
+            if isinstance(message, WorkReceipt):  # never answered: the stream carries step results only
+                self._take_receipt(message, stream.peer_id)
+                continue
             if not isinstance(message, (Step, CloseSession)):
                 message = BadRequestError(f"expected step or close_session, got {message.TYPE}")
             await self._delay()  # emulated wide-area link, inbound
@@ -291,6 +301,8 @@ class Handlers:
             except BadRequestError as e:
                 await _reply_error(stream, e)
                 continue
+            if session.credit is not None:
+                session.state.priority = self.credits.priority(session.credit)
             try:
                 await self.engine.reserve(session.state, message.start + inputs.hidden.shape[1],
                                           timeout=session.cache_wait)
@@ -307,6 +319,7 @@ class Handlers:
                 # A reorder may have been applied without the step: end the session; the client replays elsewhere.
                 await _reply_error(stream, e, kind="internal")
                 return
+            self._count_work(session.peer_id, inputs.hidden, session.end_block - session.start_block)
             hidden = WireTensor.from_torch(self._perturbed(output), codec=message.hidden.codec)
             pushed = bool(message.push_to) and await self._push(session, message, hidden)
             await self._delay()  # emulated wide-area link, outbound (after the push: it has its own link)
@@ -345,6 +358,9 @@ class Handlers:
                 raise BadRequestError(f"expected {expected.TYPE}, got {request.TYPE}")
             self._check_model(request.model_id)
             reply = await answer(request)
+            passes = 2 if expected is BackwardRequest else 1  # a backward recomputes the forward: twice the work
+            self._count_work(stream.peer_id, request.hidden, (request.end_block - request.start_block) * passes,
+                             receipted=False)
         except BadRequestError as e:
             await _reply_error(stream, e)
         except (EOFError, ConnectionError, asyncio.TimeoutError):
@@ -375,6 +391,19 @@ class Handlers:
                               grad_prompts=None if grads.prompts is None else WireTensor.from_torch(grads.prompts),
                               grad_lora_a=[WireTensor.from_torch(a) for a, _ in grads.lora],
                               grad_lora_b=[WireTensor.from_torch(b) for _, b in grads.lora])
+
+    def _take_receipt(self, receipt: WorkReceipt, peer_id: str) -> None:
+        if self.credits is None:
+            return
+        try:
+            self.credits.accept(receipt, peer_id)
+        except ReceiptError as e:
+            logger.info("rejected a receipt from %s: %s", peer_id, e)
+
+    def _count_work(self, peer_id: str, hidden, blocks: int, receipted: bool = True) -> None:
+        """Block-tokens served to `peer_id`: sequences x new tokens x blocks (`hidden`: a tensor or WireTensor)."""
+        if self.credits is not None:
+            self.credits.served(peer_id, hidden.shape[0] * hidden.shape[1] * blocks, receipted)
 
     def _perturbed(self, output: torch.Tensor) -> torch.Tensor:
         if self.limits.perturb <= 0:

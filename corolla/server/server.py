@@ -15,6 +15,8 @@ import psutil
 import torch
 
 import corolla
+from corolla.credits.book import CreditBook, credits_key
+from corolla.credits.ledger import Ledger
 from corolla.errors import CorollaError
 from corolla.models.checkpoint import (DTYPES, config_dtype, load_blocks, load_config, make_span_helpers, meta_model,
                                        model_id)
@@ -90,6 +92,7 @@ class Server:
         self.cache = CacheManager(config.cache_tokens)
         self.serving: Serving | None = None
         self.next_pings: dict[str, float] = {}  # round trips to servers of the blocks after ours (for routing)
+        self.credits: CreditBook | None = None  # kept across span moves; made once the peer id is known
 
     # ---- choosing blocks --------------------------------------------------------------------------------------
 
@@ -169,7 +172,7 @@ class Server:
                                  self.config.hub_dir)
         if adapters.names:
             logger.info("hosting adapters: %s", ", ".join(adapters.names))
-        handlers = Handlers(backend, engine, self.model_id, limits, node, adapters)
+        handlers = Handlers(backend, engine, self.model_id, limits, node, adapters, credits=self.credits)
         return Serving(start, end, backend, engine, handlers, throughput)
 
     def _record(self, state: ServerState, node: Node) -> ServerRecord:
@@ -184,6 +187,7 @@ class Server:
                             cache_tokens_total=self.cache.total_tokens,
                             version=corolla.__version__, public_name=self.config.public_name,
                             started_at=self.started_at, next_pings=self.next_pings,
+                            served_block_tokens=self.credits.served_block_tokens if self.credits else 0,
                             adapters=serving.handlers.adapters.names if serving else [])
 
     async def _announce(self, node: Node, state: ServerState) -> None:
@@ -191,6 +195,15 @@ class Server:
         value = self._record(state, node).model_dump(mode="json")
         await node.store([(block_key(self.model_id, block), node.peer_id, value, expiration)
                           for block in range(self.start, self.end)])
+        if self.credits is not None and state == ServerState.ONLINE:
+            await self._exchange_credits(node, expiration)
+
+    async def _exchange_credits(self, node: Node, expiration: float) -> None:
+        """Publish our receipts under our own subkey; read the other servers' and recompute standing."""
+        key = credits_key(self.model_id)
+        await node.store([(key, node.peer_id, self.credits.publication(), expiration)])
+        found = await node.get([key])
+        self.credits.refresh({peer: value for peer, (value, _) in found.get(key, {}).items()})
 
     async def _register(self, node: Node) -> None:
         # Registered once; each call goes to whatever span is served now.
@@ -277,6 +290,9 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
         node = await Node.create(self.network)
+        if self.config.credits:
+            ledger = Ledger(self.config.credits_ledger or cache_dir() / "credits" / f"{node.peer_id}.sqlite")
+            self.credits = CreditBook(ledger, self.model_id, node.peer_id, frozenset(self.config.trusted_peers))
         try:
             start, end = await self._choose_blocks(node)
             print(f"joined the swarm as {node.peer_id}", flush=True)
@@ -299,6 +315,8 @@ class Server:
         finally:
             if self.serving is not None:
                 self.serving.engine.shutdown()
+            if self.credits is not None:
+                self.credits.close()
             await asyncio.wait_for(node.shutdown(), 10)
 
 

@@ -9,6 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from corolla.credits.book import SessionCredit
 from corolla.server.engine import EngineSession
 
 
@@ -22,6 +23,7 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # steps from the client and from pushes, in order
     push_streams: dict = field(default_factory=dict)  # next server's peer id -> open push stream
+    credit: SessionCredit | None = None  # its place with the server's credits (None: credits off)
 
     @property
     def name(self) -> str:

@@ -1,0 +1,234 @@
+"""A server's side of credits: it checks and keeps the receipts its clients send, counts the work it serves,
+reads other servers' published receipts, computes standing in its own view and gives each session its priority.
+
+Priority of a session = the standing of the identity it speaks for (the client's peer id, or the server named by
+its delegation), or 0 (a free rider) when:
+- the identity has no standing here;
+- the client stopped paying: more than RECEIPT_SLACK_STEPS of its steps here are not covered by its receipts yet
+  (clients send one every payer.RECEIPT_EVERY_STEPS steps, so an honest one is never near that);
+- the identity already has CREDITED_SESSIONS_PER_IDENTITY credited sessions open here (the rest run as free).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from corolla.credits.ledger import EARNED, Ledger
+from corolla.credits.receipts import Latest, ReceiptError, check_receipt, identity_of
+from corolla.credits.standing import DAMPING, HALF_LIFE_S, Edge, compute_standing
+from corolla.net.messages import WorkReceipt
+from corolla.net.wire import decode, encode
+
+logger = logging.getLogger(__name__)
+
+RECEIPT_SLACK_STEPS = 48  # 3x the client's receipt period (16 steps): room for a lost or late receipt
+CREDITED_SESSIONS_PER_IDENTITY = 8  # one contributor cannot take every slot with many sessions
+PUBLISHED_RECEIPTS = 32  # the largest receipts this server puts in the DHT (the record stays under ~40 KB)
+PUBLISHED_STANDING = 64  # identities with the most standing here, published for `corolla credits`
+
+
+_STATELESS = "stateless:"  # ledger rows of forward and backward work (a peer id never starts so)
+
+
+def credits_key(swarm: str) -> str:
+    """DHT key of the servers' credits records (subkey = the publishing server: only it can write there)."""
+    return f"{swarm}.credits"
+
+
+@dataclass
+class SessionCredit:
+    """What the book knows of one open session."""
+
+    peer: str  # the client's peer id (proven by the secure channel)
+    slot: str | None = None  # the identity whose CREDITED_SESSIONS_PER_IDENTITY it counts against, if any
+
+
+@dataclass
+class BookStats:
+    accepted: int = 0
+    rejected: int = 0
+    last_rejection: str = ""
+
+
+@dataclass
+class _Payer:
+    latest: Latest | None = None
+    unpaid: deque = field(default_factory=lambda: deque(maxlen=RECEIPT_SLACK_STEPS + 1))  # served totals per step
+    served: int = 0  # block-tokens served to this peer, ever
+
+
+class CreditBook:
+    def __init__(self, ledger: Ledger, swarm: str, own_peer_id: str, trusted: frozenset[str] = frozenset(),
+                 half_life: float = HALF_LIFE_S, damping: float = DAMPING, clock=time.time):
+        self.ledger, self.swarm, self.peer_id, self.clock = ledger, swarm, own_peer_id, clock
+        self.roots = frozenset(trusted) | {own_peer_id}
+        self.half_life, self.damping = half_life, damping
+        self.stats = BookStats()
+        self.started = clock()  # unix time this book was opened (a restart shows as a later one)
+        self._payers: dict[str, _Payer] = {}
+        self._speaks_for: dict[str, tuple[str, float]] = {}  # client peer -> (identity, delegation expiry)
+        self._credited: Counter = Counter()  # identity -> credited sessions open
+        self._unsaved: Counter = Counter()  # block-tokens served, not yet in the ledger
+        self._verified: dict[bytes, Edge] = {}  # signature -> edge, for receipts read from the DHT
+        self.standing: dict[str, float] = {}
+        self._stateless = 0  # block-tokens of forwards and backwards: counted, not receipted (yet)
+        for peer, served in ledger.served(swarm).items():
+            if peer.startswith(_STATELESS):
+                self._stateless += served
+            else:
+                self._payer(peer).served = served
+        for receipt in ledger.receipts(EARNED, swarm):
+            self._payer(receipt.payer).latest = Latest(receipt.sequence, receipt.block_tokens)
+        self.refresh({})
+
+    def _payer(self, peer: str) -> _Payer:
+        payer = self._payers.get(peer)
+        if payer is None:
+            payer = self._payers[peer] = _Payer()
+        return payer
+
+    @property
+    def served_block_tokens(self) -> int:
+        return sum(payer.served for payer in self._payers.values()) + self._stateless
+
+    # ---- receipts and work (event loop thread) ---------------------------------------------------------------
+
+    def accept(self, receipt: WorkReceipt, sender: str) -> None:
+        """Check and keep a receipt sent by `sender`; raises ReceiptError (counted) if it is not valid."""
+        try:
+            if receipt.payer != sender:
+                raise ReceiptError(f"receipt signed by {receipt.payer} sent by another peer {sender}")
+            payer = self._payer(sender)
+            check_receipt(receipt, self.swarm, self.peer_id, self.clock(), payer.latest)
+            if receipt.block_tokens > payer.served:
+                raise ReceiptError(f"receipt for {receipt.block_tokens} block-tokens; only {payer.served} were "
+                                   f"served to {sender}")
+        except ReceiptError as e:
+            self.stats.rejected += 1
+            self.stats.last_rejection = str(e)
+            raise
+        self.stats.accepted += 1
+        payer.latest = Latest(receipt.sequence, receipt.block_tokens)
+        while payer.unpaid and payer.unpaid[0] <= receipt.block_tokens:
+            payer.unpaid.popleft()
+        if receipt.delegation is not None:
+            self._speaks_for[sender] = (identity_of(receipt), receipt.delegation.expires)
+        self.ledger.put(EARNED, receipt)
+        self._flush_served()
+
+    def served(self, peer: str, block_tokens: int, receipted: bool = True) -> None:
+        """`block_tokens` of work done for `peer`: an inference step (receipted: clients sign for those), or a
+        stateless forward or backward (counted in what this server served, not expected in receipts)."""
+        if not receipted:
+            self._stateless += block_tokens
+            self._unsaved[_STATELESS + peer] += block_tokens
+            return
+        payer = self._payer(peer)
+        payer.served += block_tokens
+        payer.unpaid.append(payer.served)
+        self._unsaved[peer] += block_tokens
+
+    def _flush_served(self) -> None:
+        if self._unsaved:
+            self.ledger.add_served(self.swarm, dict(self._unsaved))
+            self._unsaved.clear()
+
+    # ---- sessions and priority -----------------------------------------------------------------------------
+
+    def identity(self, peer: str) -> str:
+        """The identity `peer` speaks for: a server that delegated to it (while the delegation holds), or itself."""
+        entry = self._speaks_for.get(peer)
+        if entry is not None and entry[1] >= self.clock():
+            return entry[0]
+        return peer
+
+    def open_session(self, peer: str, receipt: WorkReceipt | None) -> SessionCredit:
+        if receipt is not None:
+            try:
+                self.accept(receipt, peer)
+            except ReceiptError as e:
+                logger.info("session of %s opened without credit: %s", peer, e)
+        session = SessionCredit(peer)
+        self._take_slot(session)
+        identity = self.identity(peer)
+        standing = self.standing.get(identity, 0.0) if session.slot is not None else 0.0
+        logger.info("credits: %s opens a session as %s, %s", peer, identity,
+                    "a free rider" if not standing else "trusted" if math.isinf(standing) else
+                    f"standing {standing:.0f} block-tokens")
+        return session
+
+    def _take_slot(self, session: SessionCredit) -> None:
+        identity = self.identity(session.peer)
+        if self.standing.get(identity, 0.0) > 0 and self._credited[identity] < CREDITED_SESSIONS_PER_IDENTITY:
+            session.slot = identity
+            self._credited[identity] += 1
+
+    def close_session(self, session: SessionCredit) -> None:
+        if session.slot is not None:
+            self._credited[session.slot] = max(0, self._credited[session.slot] - 1)
+            session.slot = None
+        self._flush_served()
+
+    def priority(self, session: SessionCredit) -> float:
+        """The session's place in line under contention: its identity's standing, 0 for a free rider."""
+        if session.slot is None:
+            self._take_slot(session)  # standing may have come since the session opened
+        if (session.slot is None or session.slot != self.identity(session.peer)
+                or len(self._payer(session.peer).unpaid) > RECEIPT_SLACK_STEPS):
+            return 0.0
+        return self.standing.get(session.slot, 0.0)
+
+    # ---- the swarm's receipts (DHT) -----------------------------------------------------------------------
+
+    def refresh(self, published: dict[str, object]) -> None:
+        """Recompute standing from our own receipts and other servers' published records {publisher: value}."""
+        now = self.clock()
+        edges = [Edge(identity_of(r), self.peer_id, r.block_tokens, r.time)
+                 for r in self.ledger.receipts(EARNED, self.swarm)]
+        for publisher, value in published.items():
+            if publisher == self.peer_id or not isinstance(value, dict):
+                continue
+            receipts = value.get("receipts")
+            for encoded in receipts[:PUBLISHED_RECEIPTS] if isinstance(receipts, list) else ():
+                edge = self._published_edge(publisher, encoded, now)
+                if edge is not None:
+                    edges.append(edge)
+        self.standing = compute_standing(self.roots, edges, now, self.half_life, self.damping)
+
+    def _published_edge(self, publisher: str, encoded, now: float) -> Edge | None:
+        if not isinstance(encoded, bytes):
+            return None
+        try:
+            receipt = decode(encoded)
+            if not isinstance(receipt, WorkReceipt):
+                return None
+            known = self._verified.get(receipt.signature)
+            if known is not None:
+                return known
+            check_receipt(receipt, self.swarm, publisher, now)
+        except Exception as e:  # a bad record costs its publisher its credit, nothing else
+            logger.debug("ignoring a receipt published by %s: %s", publisher, e)
+            return None
+        edge = Edge(identity_of(receipt), publisher, receipt.block_tokens, receipt.time)
+        if len(self._verified) > 100_000:  # bounded memory: start over (re-verifying costs ~0.1 ms a receipt)
+            self._verified.clear()
+        self._verified[receipt.signature] = edge
+        return edge
+
+    def close(self) -> None:
+        self._flush_served()
+        self.ledger.close()
+
+    def publication(self) -> dict:
+        """This server's credits record: its largest receipts, its standing table and what it served."""
+        self._flush_served()
+        receipts = sorted(self.ledger.receipts(EARNED, self.swarm), key=lambda r: -r.block_tokens)
+        standing = sorted(((who, value) for who, value in self.standing.items() if who != self.peer_id),
+                          key=lambda item: -item[1])[:PUBLISHED_STANDING]
+        return {"receipts": [encode(r) for r in receipts[:PUBLISHED_RECEIPTS] if r.block_tokens > 0],
+                "standing": {who: (-1.0 if math.isinf(value) else value) for who, value in standing},
+                "served_block_tokens": self.served_block_tokens, "started": self.started}
