@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
+from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from corolla.errors import BadRequestError, CorollaError
@@ -39,13 +40,35 @@ class NetworkConfig:
     announce_host: str | None = field(default=None, metadata={"help": "address others should dial, if not host"})
     identity: str | None = field(default=None, metadata={"help": "private key file, for a stable peer id"})
     nat_port_map: bool = field(default=False, metadata={"help": "ask the LAN gateway to map a port (UPnP/NAT-PMP)"})
-    use_relay: bool = field(default=False, metadata={"help": "reach and be reached through libp2p relays"})
+    use_relay: bool = field(default=True, metadata={"help": "reach peers behind NAT through libp2p relays "
+                                                            "(--no-use-relay: direct connections only)"})
+    reachability: str = field(default="auto", metadata={
+        "help": "how others reach this peer: auto (libp2p's AutoNAT finds out), public (this address or "
+                "--announce-host is reachable from the internet: it also relays for peers behind NAT) or private "
+                "(behind a home router that forwards nothing in: reserve a slot on relays and be reached "
+                "through them; nothing needs opening)"})
+    relays: tuple[str, ...] = field(default=(), metadata={
+        "help": "with --reachability private: multiaddrs of public peers to be reached through (default: the "
+                "initial peers). libp2p reserves at once only with 4 or more; with fewer it waits 3 minutes"})
     swarm_key_file: str | None = field(default=None, metadata={
         "help": "private swarm: file with the swarm's shared secret (e.g. `openssl rand -hex 32 > swarm.key`); "
                 "peers without it can neither read the DHT, announce, serve nor be served"})
     allowed_peers: tuple[str, ...] | None = field(default=None, metadata={
         "help": "private swarm: peer ids allowed to talk to this peer (besides itself and its initial peers); "
                 "streams, DHT requests and records of other peers are refused"})
+
+
+REACHABILITIES = ("auto", "public", "private")
+
+
+def _check_reachability(config: NetworkConfig) -> None:
+    if config.reachability not in REACHABILITIES:
+        raise CorollaError(f"--reachability must be one of {', '.join(REACHABILITIES)}, not {config.reachability!r}")
+    if config.reachability == "private" and not config.use_relay:
+        raise CorollaError("--reachability private needs relays: drop --no-use-relay")
+    if config.reachability == "private" and not (config.relays or config.initial_peers):
+        raise CorollaError("--reachability private needs public peers to relay through: give --initial-peers "
+                           "(or --relays)")
 
 
 def _maddr(host: str, port: int) -> str:
@@ -82,6 +105,39 @@ class MessageStream:
     def close(self) -> None:
         if not self._writer.is_closing():
             self._writer.close()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _circuit_multiaddr(address: str) -> Multiaddr:
+    """`<relay addr>/p2p/<relay>/p2p-circuit[/p2p/<target>]` as the daemon reads it. hivemind's Multiaddr writes a
+    /p2p/ part as a CID (0x01 0x72 ...), where the daemon expects the bare multihash ("length greater than remaining
+    number of bytes in buffer"), so the /p2p/ part is written here by hand."""
+    relay_part, _, _ = address.partition("/p2p-circuit")
+    transport, _, relay = relay_part.rpartition("/p2p/")
+    if not transport or not relay:
+        raise ValueError("not a <relay>/p2p/<id>/p2p-circuit address")
+    multihash = PeerID.from_base58(relay).to_bytes()
+    return Multiaddr(Multiaddr(transport).to_bytes() + _varint(0x1A5) + _varint(len(multihash)) + multihash
+                     + _CIRCUIT_CODE)
+
+
+_CIRCUIT_CODE = b"\xa2\x02"  # varint of 0x122, the multiaddr code of /p2p-circuit
+
+
+def _is_circuit(addr) -> bool:
+    """Whether a connection address goes through a relay."""
+    try:
+        return "/p2p-circuit" in str(addr)
+    except Exception:  # hivemind's multiaddr cannot print some daemon-made /p2p/ parts; the raw code still shows
+        return _CIRCUIT_CODE in addr.to_bytes()
 
 
 StreamHandler = Callable[[MessageStream], Awaitable[None]]
@@ -132,9 +188,18 @@ class Node:
         self._p2p, self._dht, self.membership = p2p, dht, membership
         self.peer_id: str = p2p.peer_id.to_base58()
         self.meter = TransferMeter()  # bandwidth seen on this peer's incoming streams
+        self.behind_nat = False  # reachable only through relays (--reachability private)
+        self.relay_addresses: list[str] = []  # what reaches this peer through its relays (announced by servers)
+        self._known_addresses: dict[str, list[str]] = {}  # peer id -> its announced relay addresses
 
     @classmethod
     async def create(cls, config: NetworkConfig, client_mode: bool = False) -> "Node":
+        _check_reachability(config)
+        behind_nat = config.reachability == "private"
+        # A peer behind NAT takes part in the DHT as a client (as Petals' relayed servers do): others could only
+        # reach its DHT through relays, and stores sent to it were lost (measured in tests/network: records of a
+        # NAT'd server in DHT-server mode were never found by clients).
+        dht_client = client_mode or behind_nat
         announce = [_maddr(config.announce_host, config.port)] if config.announce_host and config.port else None
         swarm_key = SwarmKey.from_file(config.swarm_key_file) if config.swarm_key_file else None
         allowed = None
@@ -161,8 +226,14 @@ class Node:
                     check_if_identity_free=not fresh,
                     nat_port_map=config.nat_port_map,
                     use_relay=config.use_relay,
-                    use_auto_relay=config.use_relay,
+                    use_auto_relay=behind_nat,
+                    # relays to reserve a slot on (libp2p's autorelay; it also tries the DHT's peers)
+                    trusted_relays=list(config.relays or config.initial_peers) if behind_nat else None,
+                    # public: relay for others at once (libp2p serves as a relay only once it believes it is
+                    # public, which AutoNAT decides only after several peers dialled back)
+                    force_reachability=None if config.reachability == "auto" else config.reachability,
                     use_ipfs=False,
+                    # the daemon's own DHT (peer routing: how a client finds a relayed server's circuit address)
                     dht_mode="client" if client_mode else "server",
                 )
             except Exception as e:
@@ -175,7 +246,7 @@ class Node:
             raise CorollaError(f"the p2p daemon's peer id {peer_id} does not match the identity key")
         try:
             dht = await DHTNode.create(
-                p2p=p2p, initial_peers=list(config.initial_peers) or None, client_mode=client_mode,
+                p2p=p2p, initial_peers=list(config.initial_peers) or None, client_mode=dht_client,
                 ensure_bootstrap_success=True, wait_timeout=5,
                 record_validator=RecordSigner(private_key, membership),
                 authorizer=SwarmKeyAuthorizer(swarm_key) if swarm_key else None,
@@ -186,11 +257,47 @@ class Node:
             hint = (" (this is a private swarm: check the swarm key file and that this peer's id "
                     f"{peer_id} is in the others' allow-lists)" if membership.private else "")
             raise CorollaError(f"could not join the swarm through initial peers {peers}: {e}{hint}") from e
-        return cls(p2p, dht, membership)
+        node = cls(p2p, dht, membership)
+        node.behind_nat = behind_nat
+        if behind_nat:
+            node.relay_addresses = [f"{relay}/p2p-circuit/p2p/{peer_id}"
+                                    for relay in (config.relays or config.initial_peers)[:8] if "/p2p/" in relay]
+        return node
 
     async def addresses(self) -> list[str]:
         """Multiaddrs (with /p2p/<peer id>) that other peers can use as --initial-peers."""
         return [str(addr) for addr in await self._p2p.get_visible_maddrs(latest=True)]
+
+    def remember_addresses(self, peer_id: str, addresses: list[str]) -> None:
+        """Relay addresses a peer announced (its DHT record): dialled when the daemon's own routing cannot find it
+        (libp2p's peer routing does not always learn a NAT'd peer's circuit addresses: seen in tests/network)."""
+        if addresses and peer_id != self.peer_id:
+            self._known_addresses[peer_id] = list(addresses)
+
+    async def _dial_announced(self, peer: PeerID, timeout: float) -> bool:
+        """Connect to `peer` through its announced relay addresses; whether any were tried."""
+        encoded = []
+        for address in self._known_addresses.get(peer.to_base58(), []):
+            try:
+                encoded.append(_circuit_multiaddr(address))
+            except (ValueError, KeyError, TypeError) as e:
+                logger.debug("skipping the announced address %s: %s", address, e)
+        if not encoded:
+            return False
+        await asyncio.wait_for(self._p2p._client.connect(peer, encoded), timeout)
+        return True
+
+    async def path_to(self, peer_id: str) -> str | None:
+        """How this peer is connected to `peer_id` now: "relayed" (every connection goes through a relay),
+        "direct", or None when not connected."""
+        try:
+            peers = await asyncio.wait_for(self._p2p.list_peers(), 5)
+        except (ControlFailure, P2PDaemonError, asyncio.TimeoutError, OSError):
+            return None
+        for info in peers:
+            if info.peer_id.to_base58() == peer_id:
+                return "relayed" if info.addrs and all(map(_is_circuit, info.addrs)) else "direct"
+        return None
 
     # ---- DHT ----------------------------------------------------------------------------------------------
 
@@ -284,7 +391,13 @@ class Node:
         try:
             _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer, protocol), timeout)
         except (ControlFailure, P2PDaemonError) as e:
-            raise ConnectionError(f"cannot reach {peer_id}: {e}") from None
+            try:  # a server behind NAT: dial it through the relays it announced, then once more
+                if not await self._dial_announced(peer, timeout):
+                    raise ConnectionError(f"cannot reach {peer_id}: {e}") from None
+                _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer, protocol),
+                                                           timeout)
+            except (ControlFailure, P2PDaemonError) as again:
+                raise ConnectionError(f"cannot reach {peer_id} (also through its relays): {again}") from None
         stream = MessageStream(peer_id, reader, writer, meter=self.meter)
         if self.membership.swarm_key is not None:
             try:
