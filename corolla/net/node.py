@@ -274,18 +274,16 @@ class Node:
         if addresses and peer_id != self.peer_id:
             self._known_addresses[peer_id] = list(addresses)
 
-    async def _dial_announced(self, peer: PeerID, timeout: float) -> bool:
-        """Connect to `peer` through its announced relay addresses; whether any were tried."""
+    async def _dial_announced(self, peer: PeerID) -> None:
+        """Connect to `peer` through its announced relay addresses, if it announced any (else nothing)."""
         encoded = []
         for address in self._known_addresses.get(peer.to_base58(), []):
             try:
                 encoded.append(_circuit_multiaddr(address))
             except (ValueError, KeyError, TypeError) as e:
                 logger.debug("skipping the announced address %s: %s", address, e)
-        if not encoded:
-            return False
-        await asyncio.wait_for(self._p2p._client.connect(peer, encoded), timeout)
-        return True
+        if encoded:
+            await self._p2p._client.connect(peer, encoded)
 
     async def path_to(self, peer_id: str) -> str | None:
         """How this peer is connected to `peer_id` now: "relayed" (every connection goes through a relay),
@@ -389,15 +387,14 @@ class Node:
         except Exception:
             raise ConnectionError(f"{peer_id!r} is not a valid peer id") from None
         try:
-            _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer, protocol), timeout)
+            async with asyncio.timeout(timeout):
+                # A server behind NAT: connect through the relays it announced first. libp2p's own lookup of its
+                # address often does not find the circuit addresses and takes seconds to give up (tests/network);
+                # an existing connection makes this a no-op.
+                await self._dial_announced(peer)
+                _, reader, writer = await self._p2p.call_binary_stream_handler(peer, protocol)
         except (ControlFailure, P2PDaemonError) as e:
-            try:  # a server behind NAT: dial it through the relays it announced, then once more
-                if not await self._dial_announced(peer, timeout):
-                    raise ConnectionError(f"cannot reach {peer_id}: {e}") from None
-                _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer, protocol),
-                                                           timeout)
-            except (ControlFailure, P2PDaemonError) as again:
-                raise ConnectionError(f"cannot reach {peer_id} (also through its relays): {again}") from None
+            raise ConnectionError(f"cannot reach {peer_id}: {e}") from None
         stream = MessageStream(peer_id, reader, writer, meter=self.meter)
         if self.membership.swarm_key is not None:
             try:

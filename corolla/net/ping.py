@@ -12,9 +12,10 @@ from corolla.net.wire import Message, message_type
 
 PING_PROTOCOL = "corolla/ping/1"
 MAX_REPLY_BYTES = 64 * 1024
-# Padding of a routing ping's answer: one token's activations of a 1024-wide model in float32. On a 100 Mbit/s
-# uplink it adds 0.3 ms to the round trip, on a 2 Mbit/s one 16 ms, so routing sees a slow uplink (tests/network).
-ROUTING_REPLY_BYTES = 4096
+# Padding of a routing ping's answer: four tokens' activations of a 1024-wide model in float32. On a 100 Mbit/s
+# uplink it adds 1.3 ms to the round trip, on a 1 Mbit/s one about 100 ms (past a router's burst of a few KiB), so
+# routing sees a slow uplink (tests/network/test_homes.py). Pings are rare (every 30 s per server).
+ROUTING_REPLY_BYTES = 16384
 
 
 @message_type("ping")

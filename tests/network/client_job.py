@@ -39,16 +39,19 @@ def main() -> None:
     parser.add_argument("--use-push", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--step-timeout", type=float, default=60.0)
     parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument("--ban-seconds", type=float, default=15.0)
+    parser.add_argument("--rtt-refresh-period", type=float, default=30.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("hivemind").setLevel(logging.WARNING)
 
     config = ClientConfig(wire_format=args.wire_format, use_push=args.use_push, step_timeout=args.step_timeout,
-                          connect_timeout=args.connect_timeout,
+                          connect_timeout=args.connect_timeout, ban_seconds=args.ban_seconds,
+                          rtt_refresh_period=args.rtt_refresh_period,
                           allowed_servers=tuple(args.allowed_servers) if args.allowed_servers else None)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, client_config=config,
-        network=NetworkConfig(initial_peers=tuple(args.initial_peers), use_relay=True))
+        network=NetworkConfig(initial_peers=tuple(args.initial_peers)))
     prompt = torch.tensor([args.prompt_ids])
     routes, failed, best_ms, tokens = [], [], float("inf"), []
     try:

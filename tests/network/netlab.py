@@ -180,9 +180,9 @@ class Netlab:
         namespace, device = self._wan(host)
         _run("ip", "netns", "exec", namespace, "tc", "qdisc", "del", "dev", device, "root", check=False)
         if mbit is not None:
-            # burst: 10 ms worth of bytes but at least 16 KiB (tbf needs burst >= MTU / HZ-rate; 16 KiB keeps
-            # small messages unshaped as on a real DSL line); latency 400 ms of queue, as a home router's buffer.
-            burst = max(16 * 1024, int(mbit * 1e6 / 8 * 0.01))
+            # burst: 2 ms worth of bytes but at least two full packets (tbf drops packets larger than the burst);
+            # latency: 400 ms of queue, as a home router's buffer.
+            burst = max(3200, int(mbit * 1e6 / 8 * 0.002))
             _run("ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", device, "root", "tbf",
                  "rate", f"{mbit}mbit", "burst", str(burst), "latency", "400ms")
 
