@@ -177,6 +177,24 @@ class _GatedP2P(P2P):
                                            stream_output=stream_output, balanced=balanced)
 
 
+# A public peer's relay service, as the daemon's flags set it. The daemon's own limits cut a relayed connection
+# after 128 KiB each way (a 36-token session of a 1024-wide model through a relay was reset mid-generation in
+# benchmarks/network_bench.py), so relaying is given room for long sessions. Per-peer circuit counts stay default.
+_RELAY_SERVICE_OPTIONS = {"relayService": 1, "relayDataLimit": 1 << 36, "relayTimeLimit": "24h0m0s"}
+
+
+def _p2p_class(daemon_options: dict[str, Any]) -> type[_GatedP2P]:
+    """_GatedP2P whose daemon gets `daemon_options` as extra command-line flags."""
+    if not daemon_options:
+        return _GatedP2P
+
+    class _ConfiguredP2P(_GatedP2P):
+        def _make_process_args(self, *args, **kwargs) -> list[str]:
+            return P2P._make_process_args(*args, **kwargs, **daemon_options)
+
+    return _ConfiguredP2P
+
+
 class Node:
     """This process's peer: a DHT participant that can serve and open message streams.
 
@@ -218,7 +236,8 @@ class Node:
                     raise CorollaError(f"cannot write the identity file {identity}: {e}") from None
             private_key = load_identity(identity)
             try:
-                p2p = await _GatedP2P.create(
+                p2p_class = _p2p_class(_RELAY_SERVICE_OPTIONS if config.reachability == "public" else {})
+                p2p = await p2p_class.create(
                     initial_peers=list(config.initial_peers) or None,
                     host_maddrs=[_maddr(config.host, config.port)],
                     announce_maddrs=announce,
