@@ -6,11 +6,11 @@
     home3:  the client (behind NAT)
 
 Each server holds every block of a small random Llama (hidden size --hidden, so that one token's activations weigh
-what a mid-sized model's do). For each (server, wire format) the client generates --short and then --long tokens in
-fresh processes; the differences cancel start-up, the prompt and DHT chatter:
-    ms/token   = (time(long) - time(short)) / (long - short)
-    bytes/token on the server's link (its one hop to the client or the relay), both directions, read from the
-    kernel's interface counters = (bytes(long) - bytes(short)) / (long - short)
+what a mid-sized model's do). For each (server, wire format) a client session generates --short tokens (connection,
+prompt), pauses, and then runs the decode steps up to --long alone; over those steps:
+    ms/token    = their time / their number (best of --repeat sessions)
+    bytes/token = bytes sent plus received on the server's link (its one hop to the client, or to the relay), read
+                  from the kernel's interface counters of that link (mean of the sessions)
 
     sudo .venv/bin/python benchmarks/network_bench.py [--mbit 2] [--hidden 1024]
 
@@ -60,15 +60,33 @@ def link_bytes(lab: Netlab, host: Host) -> int:
     return total
 
 
-def run_client(client: Host, model: Path, peers: list[str], server: str, tokens: int, wire: str,
-               repeat: int) -> dict:
-    argv = [sys.executable, str(CLIENT_JOB), str(model), "--initial-peers", *peers, "--tokens", str(tokens),
-            "--wire-format", wire, "--allowed-servers", server, "--repeat", str(repeat)]
-    done = subprocess.run(client.command(argv), capture_output=True, text=True, timeout=300)
-    for line in done.stdout.splitlines():
+def run_client(lab: Netlab, client: Host, server_host: Host, model: Path, peers: list[str], server: str,
+               short: int, long: int, wire: str, workdir: Path) -> tuple[float, float]:
+    """One session: `short` tokens (connection, prompt), then the counters, then `long - short` decode steps alone.
+    Returns (ms/token, bytes/token on the server's link) of those decode steps."""
+    go = workdir / f"go-{time.monotonic_ns()}"
+    argv = [sys.executable, str(CLIENT_JOB), str(model), "--initial-peers", *peers, "--tokens", str(long),
+            "--pause-after", str(short), "--go-file", str(go), "--wire-format", wire, "--allowed-servers", server]
+    process = subprocess.Popen(client.command(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        if not line.startswith("paused"):
+            raise RuntimeError(f"client failed before pausing:\n{process.communicate(timeout=60)[1][-3000:]}")
+        before = link_bytes(lab, server_host)
+        go.touch()
+        stdout, stderr = process.communicate(timeout=300)
+        moved = link_bytes(lab, server_host) - before
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    for line in stdout.splitlines():
         if line.startswith("result: "):
-            return json.loads(line.removeprefix("result: "))
-    raise RuntimeError(f"client failed:\n{done.stderr[-3000:]}")
+            result = json.loads(line.removeprefix("result: "))
+            if len(result["tokens"]) != long:
+                raise RuntimeError(f"generation stopped early ({len(result['tokens'])} tokens)")
+            return result["rest_ms_per_token"], moved / (long - short)
+    raise RuntimeError(f"client failed:\n{stderr[-3000:]}")
 
 
 def main() -> None:
@@ -77,8 +95,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--short", type=int, default=4)
-    parser.add_argument("--long", type=int, default=36)
-    parser.add_argument("--repeat", type=int, default=2, help="generations per client process (timing: the best)")
+    parser.add_argument("--long", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=2, help="sessions per (server, wire format)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
@@ -112,14 +130,10 @@ def main() -> None:
             plan = [("direct", "native"), ("relayed", "native"), ("throttled", "native"), ("throttled", "float16"),
                     ("throttled", "bfloat16"), ("throttled", "int8")]
             for name, wire in plan:
-                measured = {}
-                for tokens in (args.short, args.long):
-                    before = link_bytes(lab, hosts[name])
-                    result = run_client(client, model, peers[:1], peer_ids[name], tokens, wire, args.repeat)
-                    measured[tokens] = (result["ms_per_token"] * tokens, link_bytes(lab, hosts[name]) - before)
-                extra = args.long - args.short
-                ms = (measured[args.long][0] - measured[args.short][0]) / extra
-                per_token = (measured[args.long][1] - measured[args.short][1]) / extra / args.repeat
+                runs = [run_client(lab, client, hosts[name], model, peers[:1], peer_ids[name], args.short, args.long,
+                                   wire, workdir) for _ in range(args.repeat)]
+                ms = min(ms for ms, _ in runs)
+                per_token = sum(moved for _, moved in runs) / len(runs)
                 rows.append({"server": name, "wire": wire, "ms_per_token": round(ms, 2),
                              "bytes_per_token": round(per_token)})
                 print(f"{name:>9}  {wire:>8}  {ms:8.2f} ms/token  {per_token:9.0f} bytes/token on its link",

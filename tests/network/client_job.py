@@ -4,7 +4,7 @@
                          [--wire-format float16] [--repeat R] [--prompt-ids 1 2 3]
 
 With --pause-after K it generates K tokens, prints `paused` and waits (bounded) for --go-file to appear before the
-rest: the test cuts a link in between. The JSON line (prefixed `result: `) holds the new token ids, the route of
+rest: the test cuts a link in between (the benchmark reads byte counters); `rest_ms_per_token` times that rest. The JSON line (prefixed `result: `) holds the new token ids, the route of
 each part (peer ids), the servers that failed, ms/token of the decode steps and the bytes the client sent.
 """
 
@@ -53,7 +53,7 @@ def main() -> None:
         args.model, initial_peers=args.initial_peers, client_config=config,
         network=NetworkConfig(initial_peers=tuple(args.initial_peers)))
     prompt = torch.tensor([args.prompt_ids])
-    routes, failed, best_ms, tokens = [], [], float("inf"), []
+    routes, failed, best_ms, tokens, rest_ms = [], [], float("inf"), [], None
     try:
         for _ in range(args.repeat):
             with model.inference_session(max_length=len(args.prompt_ids) + args.tokens + 1) as session:
@@ -67,7 +67,9 @@ def main() -> None:
                     deadline = time.monotonic() + args.go_timeout
                     while not os.path.exists(args.go_file) and time.monotonic() < deadline:
                         time.sleep(0.05)
+                    resumed = time.perf_counter()
                     more = model.generate(None, max_new_tokens=args.tokens - first, do_sample=False, session=session)
+                    rest_ms = (time.perf_counter() - resumed) * 1000 / max(1, args.tokens - first)
                     tokens += more[0].tolist()
                     routes.append([hop.peer_id for hop in session.route])
                 elapsed = time.perf_counter() - began
@@ -76,7 +78,8 @@ def main() -> None:
                 failed = list(session.failed_servers)
     finally:
         model.close()
-    print("result: " + json.dumps({"tokens": tokens, "routes": routes, "failed": failed, "ms_per_token": best_ms}),
+    print("result: " + json.dumps({"tokens": tokens, "routes": routes, "failed": failed, "ms_per_token": best_ms,
+                                      "rest_ms_per_token": rest_ms}),
           flush=True)
 
 
