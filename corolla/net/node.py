@@ -7,8 +7,11 @@ loop (the caller's), which owns the node.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterable
@@ -43,7 +46,8 @@ class NetworkConfig:
     use_relay: bool = field(default=True, metadata={"help": "reach peers behind NAT through libp2p relays "
                                                             "(--no-use-relay: direct connections only)"})
     reachability: str = field(default="auto", metadata={
-        "help": "how others reach this peer: auto (libp2p's AutoNAT finds out), public (this address or "
+        "help": "how others reach this peer: auto (private when this machine has a private address and an initial "
+                "peer a public one, else libp2p's AutoNAT finds out), public (this address or "
                 "--announce-host is reachable from the internet: it also relays for peers behind NAT) or private "
                 "(behind a home router that forwards nothing in: reserve a slot on relays and be reached "
                 "through them; nothing needs opening)"})
@@ -59,6 +63,44 @@ class NetworkConfig:
 
 
 REACHABILITIES = ("auto", "public", "private")
+
+
+def _is_private_ip(text: str) -> bool:
+    address = ipaddress.ip_address(text)
+    return address.is_private or address in ipaddress.ip_network("100.64.0.0/10")  # RFC 1918 etc., carrier NAT
+
+
+def _outbound_source(peer_ip: str) -> str:
+    """The local address this machine would use to reach `peer_ip` (a UDP connect sends no packet)."""
+    family = socket.AF_INET6 if ":" in peer_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((peer_ip, 9))
+        return probe.getsockname()[0]
+
+
+def resolve_reachability(config: NetworkConfig, outbound_source=_outbound_source) -> str:
+    """--reachability auto, decided where the answer is plain: a peer that would reach a public initial peer from
+    a private address (a home LAN, carrier NAT) is behind NAT, so "private"; a loopback or LAN swarm, a public
+    address or an --announce-host stays as asked ("auto": libp2p's AutoNAT decides, slowly in small swarms)."""
+    if config.reachability != "auto" or config.announce_host or not config.use_relay:
+        return config.reachability
+    try:
+        if ipaddress.ip_address(config.host).is_loopback:
+            return "auto"
+    except ValueError:
+        return "auto"
+    for peer in config.initial_peers:
+        parts = peer.split("/")
+        if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+            continue
+        try:
+            if _is_private_ip(parts[2]):
+                continue
+            source = config.host if config.host not in ("0.0.0.0", "::") else outbound_source(parts[2])
+            return "private" if _is_private_ip(source) else "auto"
+        except (ValueError, OSError):
+            continue
+    return "auto"
 
 
 def _check_reachability(config: NetworkConfig) -> None:
@@ -212,8 +254,12 @@ class Node:
 
     @classmethod
     async def create(cls, config: NetworkConfig, client_mode: bool = False) -> "Node":
+        config = dataclasses.replace(config, reachability=resolve_reachability(config))
         _check_reachability(config)
         behind_nat = config.reachability == "private"
+        if behind_nat:
+            logger.info("reachable through relays (--reachability private): %s",
+                        ", ".join(config.relays or config.initial_peers))
         # A peer behind NAT takes part in the DHT as a client (as Petals' relayed servers do): others could only
         # reach its DHT through relays, and stores sent to it were lost (measured in tests/network: records of a
         # NAT'd server in DHT-server mode were never found by clients).

@@ -192,11 +192,9 @@ class Netlab:
         self._ip(namespace, "link", "set", device, "down")
 
     def link_up(self, host: Host) -> None:
+        """Plug it back (the connected route of the public /24 returns with the link)."""
         namespace, device = self._wan(host)
         self._ip(namespace, "link", "set", device, "up")
-        if host.router is None:
-            return
-        # A down link loses its connected route; the public /24 comes back with the address on `up`.
 
     # ---- processes ----------------------------------------------------------------------------------------
 
@@ -239,6 +237,10 @@ class NetSwarm(LocalSwarm):
         self._host = host
         return self
 
+    def spawn(self, name: str, args: list[str]) -> Process:
+        """Start `corolla ARGS` on the host chosen with on(), without waiting (logs in workdir/NAME.log)."""
+        return self._spawn(name, args)
+
     def _spawn(self, name: str, args: list[str]) -> Process:
         if self._host is None:
             raise NetlabError("say on which host with swarm.on(host) first")
@@ -246,16 +248,13 @@ class NetSwarm(LocalSwarm):
         args = list(args)
         if args and args[0] in ("dht", "server"):  # listen on the host's own address (the last --host wins)
             args += ["--host", host.address]
-        return _spawn_in(self, host, name, self.python, args)
-
-
-def _spawn_in(swarm: LocalSwarm, host: Host, name: str, python: str, args: list[str]) -> Process:
-    log_path = swarm.workdir / f"{name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
-        popen = subprocess.Popen(host.command([python, "-m", "corolla.cli", *args]), stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-    process = Process(name, popen, log_path)
-    process.host = host  # type: ignore[attr-defined]
-    swarm.processes.append(process)
-    return process
+        log_path = self.workdir / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "w") as log:
+            # `ip netns exec` execs the command in place: the PID is Python's, so stop() and kill() reach it
+            popen = subprocess.Popen(host.command([self.python, "-m", "corolla.cli", *args]), stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env=env)
+        process = Process(name, popen, log_path)
+        self.processes.append(process)
+        return process

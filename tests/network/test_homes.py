@@ -61,7 +61,7 @@ def homes(tiny_llama):
         relays = [lab.add_public(f"relay{i}") for i in range(5)]
         swarm.on(relays[0]).start_dht(extra_args=["--reachability", "public"])
         boot = list(swarm.initial_peers)
-        others = [swarm.on(host)._spawn(f"relay{i + 1}", ["dht", "--reachability", "public", "--initial-peers",
+        others = [swarm.on(host).spawn(f"relay{i + 1}", ["dht", "--reachability", "public", "--initial-peers",
                                                           *boot]) for i, host in enumerate(relays[1:])]
         peers = boot + [swarm.wait_for_line(p, "initial peers:", 60).split(":", 1)[1].split()[0] for p in others]
         swarm.initial_peers = peers

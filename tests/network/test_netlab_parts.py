@@ -82,3 +82,25 @@ def test_netlab_removes_exactly_its_namespaces():
     finally:
         bystander.close()
     assert ours(bystander.prefix) == []
+
+
+def test_auto_reachability_is_private_from_a_home_lan_to_a_public_peer():
+    from corolla.net.node import NetworkConfig, resolve_reachability
+
+    public_peer = f"/ip4/9.9.9.9/tcp/31337/p2p/{RELAY}"
+    lan_peer = f"/ip4/192.168.1.20/tcp/31337/p2p/{RELAY}"
+
+    def source(address: str):
+        return lambda peer_ip: address
+
+    def resolved(address: str, **config) -> str:
+        return resolve_reachability(NetworkConfig(**config), outbound_source=source(address))
+
+    assert resolved("192.168.1.5", host="0.0.0.0", initial_peers=(public_peer,)) == "private"
+    assert resolved("100.72.1.5", host="0.0.0.0", initial_peers=(public_peer,)) == "private"  # carrier NAT
+    assert resolved("1.1.1.1", host="0.0.0.0", initial_peers=(public_peer,)) == "auto"  # a public machine
+    assert resolved("192.168.1.5", host="0.0.0.0", initial_peers=(lan_peer,)) == "auto"  # a LAN swarm
+    assert resolved("127.0.0.1", initial_peers=(public_peer,)) == "auto"  # loopback (tests, demo)
+    assert resolved("192.168.1.5", host="0.0.0.0", initial_peers=(public_peer,), announce_host="1.1.1.1") \
+        == "auto"  # an opened port, announced
+    assert resolved("192.168.1.5", host="0.0.0.0", initial_peers=(public_peer,), reachability="public") == "public"
