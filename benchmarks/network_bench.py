@@ -112,7 +112,7 @@ def main() -> None:
             relays = [lab.add_public(f"relay{i}") for i in range(4)]
             swarm.on(relays[0]).start_dht(extra_args=["--reachability", "public"])
             boot = list(swarm.initial_peers)
-            others = [swarm.on(h)._spawn(f"relay{i + 1}", ["dht", "--reachability", "public", "--initial-peers",
+            others = [swarm.on(h).spawn(f"relay{i + 1}", ["dht", "--reachability", "public", "--initial-peers",
                                                            *boot]) for i, h in enumerate(relays[1:])]
             peers = boot + [swarm.wait_for_line(p, "initial peers:", 60).split(":", 1)[1].split()[0] for p in others]
             swarm.initial_peers = peers
