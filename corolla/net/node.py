@@ -61,6 +61,9 @@ class NetworkConfig:
         "help": "private swarm: peer ids allowed to talk to this peer (besides itself and its initial peers); "
                 "streams, DHT requests and records of other peers are refused"})
 
+    def __post_init__(self) -> None:
+        _check_reachability(self)
+
 
 REACHABILITIES = ("auto", "public", "private")
 
@@ -255,7 +258,6 @@ class Node:
     @classmethod
     async def create(cls, config: NetworkConfig, client_mode: bool = False) -> "Node":
         config = dataclasses.replace(config, reachability=resolve_reachability(config))
-        _check_reachability(config)
         behind_nat = config.reachability == "private"
         if behind_nat:
             logger.info("reachable through relays (--reachability private): %s",
