@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model browser demo test test-long bench bench-petals clean
+.PHONY: setup model browser netbench demo test test-long bench bench-petals clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,22 @@ browser:
 	    chromium-driver; } || echo "could not install chromium + chromium-driver: the web test will be skipped"; \
 	fi
 
+# The network tests (tests/network) build a small internet from network namespaces: they need iproute2 (ip, tc)
+# and nftables, and root. Installed here if missing; without them those tests are skipped and say why.
+netbench:
+	@if ! command -v nft >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then \
+	  echo "Installing nftables and iproute2 (for the network tests) ..."; \
+	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q nftables \
+	    iproute2; } || echo "could not install nftables + iproute2: the network tests will be skipped"; \
+	fi
+
 demo: model
 	$(BIN)/corolla demo
 
-test: model browser
+test: model browser netbench
 	$(BIN)/python -m pytest -q -rs --durations=15
 
-test-long: model browser
+test-long: model browser netbench
 	COROLLA_LONG=1 $(BIN)/python -m pytest -q -rs
 
 bench: model

@@ -37,6 +37,9 @@ class ServerView(_Frozen):
     adapters: list[str] = Field(description="adapters it serves (empty when it announces none)")
     version: str = Field(description="corolla version it runs")
     rtt_ms: float | None = Field(description="ping round trip from the observer; None if it did not answer")
+    reached: str | None = Field(default=None, description="how the observer reached it: direct or relayed "
+                                                          "(through a libp2p relay: the server is behind NAT); "
+                                                          "None if it did not answer")
 
 
 class BlockView(_Frozen):
@@ -61,9 +64,10 @@ class SwarmState(_Frozen):
 
 
 def build_state(model: str, model_id: str, num_blocks: int, records: list[PeerRecord],
-                rtts: dict[str, float | None], now: float) -> SwarmState:
-    """Pure: the map from DHT records and measured round-trip times (seconds)."""
-    servers = sorted((_server_view(r, rtts.get(r.peer_id)) for r in records),
+                rtts: dict[str, float | None], now: float, paths: dict[str, str | None] | None = None) -> SwarmState:
+    """Pure: the map from DHT records, measured round-trip times (seconds) and how each server was reached."""
+    paths = paths or {}
+    servers = sorted((_server_view(r, rtts.get(r.peer_id), paths.get(r.peer_id)) for r in records),
                      key=lambda s: (s.start_block, s.end_block, s.name))
     holders: list[list[str]] = [[] for _ in range(num_blocks)]
     for server in servers:
@@ -75,7 +79,7 @@ def build_state(model: str, model_id: str, num_blocks: int, records: list[PeerRe
                       blocks=blocks, covered_blocks=sum(b.covered for b in blocks), missing=_missing(blocks))
 
 
-def _server_view(peer: PeerRecord, rtt: float | None) -> ServerView:
+def _server_view(peer: PeerRecord, rtt: float | None, path: str | None = None) -> ServerView:
     record = peer.record
     adapters = getattr(record, "adapters", None) or ()  # announced by servers that serve adapters
     return ServerView(
@@ -85,6 +89,7 @@ def _server_view(peer: PeerRecord, rtt: float | None) -> ServerView:
         dtype=record.dtype, quant=record.quant,
         adapters=[str(a) for a in adapters], version=record.version,
         rtt_ms=None if rtt is None else round(rtt * 1000, 3),
+        reached=None if rtt is None else path or ("relayed" if record.relay_addresses else "direct"),
     )
 
 
@@ -105,14 +110,15 @@ async def collect_state(node: Node, model: str, model_id: str, num_blocks: int,
     """Read the DHT and ping every server that is not offline (all pings at once, each bounded)."""
     records = await read_servers(node, model_id, num_blocks)
 
-    async def rtt(peer: PeerRecord) -> float | None:
+    async def rtt(peer: PeerRecord) -> tuple[float | None, str | None]:
         if peer.record.state == ServerState.OFFLINE:
-            return None
+            return None, None
         try:
-            return await asyncio.wait_for(measure_rtt(node, peer.peer_id, rtt_timeout), rtt_timeout * 2)
+            measured = await asyncio.wait_for(measure_rtt(node, peer.peer_id, rtt_timeout), rtt_timeout * 2)
         except (ConnectionError, EOFError, OSError, asyncio.TimeoutError, CorollaError):
-            return None
+            return None, None
+        return measured, await node.path_to(peer.peer_id)  # the connection the ping just used
 
-    measured = await asyncio.gather(*(rtt(peer) for peer in records))
-    return build_state(model, model_id, num_blocks, records, dict(zip((p.peer_id for p in records), measured)),
-                       time.time())
+    measured = dict(zip((p.peer_id for p in records), await asyncio.gather(*(rtt(peer) for peer in records))))
+    return build_state(model, model_id, num_blocks, records, {peer: rtt for peer, (rtt, _) in measured.items()},
+                       time.time(), paths={peer: path for peer, (_, path) in measured.items()})

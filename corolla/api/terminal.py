@@ -42,12 +42,12 @@ def render_state(state: SwarmState, width: int = 100) -> str:
                  f"{_MARKS[ServerState.OFFLINE]} offline; coverage = online servers per block, ! = none)")
     lines.append("")
     header = f"  {'server':<{label}}  {'blocks':>9}  {'state':<7}  {'tokens/s':>8}  {'cache left':>10}  " \
-             f"{'rtt ms':>7}  {'served':>10}  {'dtype':<8}  {'quant':<5}  {'version':<8}  adapters  peer id"
+             f"{'rtt ms':>7}  {'reached':<7}  {'served':>10}  {'dtype':<8}  {'quant':<5}  {'version':<8}  adapters  peer id"
     lines.append(header)
     for s in state.servers:
         rtt = f"{s.rtt_ms:.2f}" if s.rtt_ms is not None else "-"
         lines.append(f"  {s.name:<{label}}  {f'{s.start_block}..{s.end_block - 1}':>9}  {s.state.value:<7}  "
-                     f"{s.throughput:>8.1f}  {s.cache_tokens_left:>10}  {rtt:>7}  {s.served_block_tokens:>10}  {s.dtype:<8}  {s.quant:<5}  "
+                     f"{s.throughput:>8.1f}  {s.cache_tokens_left:>10}  {rtt:>7}  {s.reached or '-':<7}  {s.served_block_tokens:>10}  {s.dtype:<8}  {s.quant:<5}  "
                      f"{s.version or '-':<8}  {','.join(s.adapters) or '-':<8}  {s.peer_id}")
     if not state.servers:
         lines.append("  (no server announces this model)")

@@ -26,6 +26,7 @@ async def read_servers(node: Node, model_id: str, num_blocks: int) -> list[PeerR
                 continue
             try:
                 servers[peer_id] = PeerRecord(peer_id=peer_id, record=ServerRecord.model_validate(value))
+                node.remember_addresses(peer_id, servers[peer_id].record.relay_addresses)
             except ValidationError:
                 logger.debug("skipping an invalid record from %s", peer_id)
     return list(servers.values())

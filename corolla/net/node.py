@@ -7,8 +7,11 @@ loop (the caller's), which owns the node.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterable
@@ -18,6 +21,7 @@ from typing import Any, Awaitable, Callable
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
+from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from corolla.errors import BadRequestError, CorollaError
@@ -39,13 +43,77 @@ class NetworkConfig:
     announce_host: str | None = field(default=None, metadata={"help": "address others should dial, if not host"})
     identity: str | None = field(default=None, metadata={"help": "private key file, for a stable peer id"})
     nat_port_map: bool = field(default=False, metadata={"help": "ask the LAN gateway to map a port (UPnP/NAT-PMP)"})
-    use_relay: bool = field(default=False, metadata={"help": "reach and be reached through libp2p relays"})
+    use_relay: bool = field(default=True, metadata={"help": "reach peers behind NAT through libp2p relays "
+                                                            "(--no-use-relay: direct connections only)"})
+    reachability: str = field(default="auto", metadata={
+        "help": "how others reach this peer: auto (private when this machine has a private address and an initial "
+                "peer a public one, else libp2p's AutoNAT finds out), public (this address or "
+                "--announce-host is reachable from the internet: it also relays for peers behind NAT) or private "
+                "(behind a home router that forwards nothing in: reserve a slot on relays and be reached "
+                "through them; nothing needs opening)"})
+    relays: tuple[str, ...] = field(default=(), metadata={
+        "help": "with --reachability private: multiaddrs of public peers to be reached through (default: the "
+                "initial peers). libp2p reserves at once only with 4 or more; with fewer it waits 3 minutes"})
     swarm_key_file: str | None = field(default=None, metadata={
         "help": "private swarm: file with the swarm's shared secret (e.g. `openssl rand -hex 32 > swarm.key`); "
                 "peers without it can neither read the DHT, announce, serve nor be served"})
     allowed_peers: tuple[str, ...] | None = field(default=None, metadata={
         "help": "private swarm: peer ids allowed to talk to this peer (besides itself and its initial peers); "
                 "streams, DHT requests and records of other peers are refused"})
+
+    def __post_init__(self) -> None:
+        _check_reachability(self)
+
+
+REACHABILITIES = ("auto", "public", "private")
+
+
+def _is_private_ip(text: str) -> bool:
+    address = ipaddress.ip_address(text)
+    return address.is_private or address in ipaddress.ip_network("100.64.0.0/10")  # RFC 1918 etc., carrier NAT
+
+
+def _outbound_source(peer_ip: str) -> str:
+    """The local address this machine would use to reach `peer_ip` (a UDP connect sends no packet)."""
+    family = socket.AF_INET6 if ":" in peer_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((peer_ip, 9))
+        return probe.getsockname()[0]
+
+
+def resolve_reachability(config: NetworkConfig, outbound_source=_outbound_source) -> str:
+    """--reachability auto, decided where the answer is plain: a peer that would reach a public initial peer from
+    a private address (a home LAN, carrier NAT) is behind NAT, so "private"; a loopback or LAN swarm, a public
+    address or an --announce-host stays as asked ("auto": libp2p's AutoNAT decides, slowly in small swarms)."""
+    if config.reachability != "auto" or config.announce_host or not config.use_relay:
+        return config.reachability
+    try:
+        if ipaddress.ip_address(config.host).is_loopback:
+            return "auto"
+    except ValueError:
+        return "auto"
+    for peer in config.initial_peers:
+        parts = peer.split("/")
+        if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+            continue
+        try:
+            if _is_private_ip(parts[2]):
+                continue
+            source = config.host if config.host not in ("0.0.0.0", "::") else outbound_source(parts[2])
+            return "private" if _is_private_ip(source) else "auto"
+        except (ValueError, OSError):
+            continue
+    return "auto"
+
+
+def _check_reachability(config: NetworkConfig) -> None:
+    if config.reachability not in REACHABILITIES:
+        raise CorollaError(f"--reachability must be one of {', '.join(REACHABILITIES)}, not {config.reachability!r}")
+    if config.reachability == "private" and not config.use_relay:
+        raise CorollaError("--reachability private needs relays: drop --no-use-relay")
+    if config.reachability == "private" and not (config.relays or config.initial_peers):
+        raise CorollaError("--reachability private needs public peers to relay through: give --initial-peers "
+                           "(or --relays)")
 
 
 def _maddr(host: str, port: int) -> str:
@@ -82,6 +150,39 @@ class MessageStream:
     def close(self) -> None:
         if not self._writer.is_closing():
             self._writer.close()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _circuit_multiaddr(address: str) -> Multiaddr:
+    """`<relay addr>/p2p/<relay>/p2p-circuit[/p2p/<target>]` as the daemon reads it. hivemind's Multiaddr writes a
+    /p2p/ part as a CID (0x01 0x72 ...), where the daemon expects the bare multihash ("length greater than remaining
+    number of bytes in buffer"), so the /p2p/ part is written here by hand."""
+    relay_part, _, _ = address.partition("/p2p-circuit")
+    transport, _, relay = relay_part.rpartition("/p2p/")
+    if not transport or not relay:
+        raise ValueError("not a <relay>/p2p/<id>/p2p-circuit address")
+    multihash = PeerID.from_base58(relay).to_bytes()
+    return Multiaddr(Multiaddr(transport).to_bytes() + _varint(0x1A5) + _varint(len(multihash)) + multihash
+                     + _CIRCUIT_CODE)
+
+
+_CIRCUIT_CODE = b"\xa2\x02"  # varint of 0x122, the multiaddr code of /p2p-circuit
+
+
+def _is_circuit(addr) -> bool:
+    """Whether a connection address goes through a relay."""
+    try:
+        return "/p2p-circuit" in str(addr)
+    except Exception:  # hivemind's multiaddr cannot print some daemon-made /p2p/ parts; the raw code still shows
+        return _CIRCUIT_CODE in addr.to_bytes()
 
 
 StreamHandler = Callable[[MessageStream], Awaitable[None]]
@@ -121,6 +222,24 @@ class _GatedP2P(P2P):
                                            stream_output=stream_output, balanced=balanced)
 
 
+# A public peer's relay service, as the daemon's flags set it. The daemon's own limits cut a relayed connection
+# after 128 KiB each way (a 36-token session of a 1024-wide model through a relay was reset mid-generation in
+# benchmarks/network_bench.py), so relaying is given room for long sessions. Per-peer circuit counts stay default.
+_RELAY_SERVICE_OPTIONS = {"relayService": 1, "relayDataLimit": 1 << 36, "relayTimeLimit": "24h0m0s"}
+
+
+def _p2p_class(daemon_options: dict[str, Any]) -> type[_GatedP2P]:
+    """_GatedP2P whose daemon gets `daemon_options` as extra command-line flags."""
+    if not daemon_options:
+        return _GatedP2P
+
+    class _ConfiguredP2P(_GatedP2P):
+        def _make_process_args(self, *args, **kwargs) -> list[str]:
+            return P2P._make_process_args(*args, **kwargs, **daemon_options)
+
+    return _ConfiguredP2P
+
+
 class Node:
     """This process's peer: a DHT participant that can serve and open message streams.
 
@@ -133,9 +252,21 @@ class Node:
         self.identity_key = identity_key  # RSA private key of this peer id (signs DHT records and work receipts)
         self.peer_id: str = p2p.peer_id.to_base58()
         self.meter = TransferMeter()  # bandwidth seen on this peer's incoming streams
+        self.behind_nat = False  # reachable only through relays (--reachability private)
+        self.relay_addresses: list[str] = []  # what reaches this peer through its relays (announced by servers)
+        self._known_addresses: dict[str, list[str]] = {}  # peer id -> its announced relay addresses
 
     @classmethod
     async def create(cls, config: NetworkConfig, client_mode: bool = False) -> "Node":
+        config = dataclasses.replace(config, reachability=resolve_reachability(config))
+        behind_nat = config.reachability == "private"
+        if behind_nat:
+            logger.info("reachable through relays (--reachability private): %s",
+                        ", ".join(config.relays or config.initial_peers))
+        # A peer behind NAT takes part in the DHT as a client (as Petals' relayed servers do): others could only
+        # reach its DHT through relays, and stores sent to it were lost (measured in tests/network: records of a
+        # NAT'd server in DHT-server mode were never found by clients).
+        dht_client = client_mode or behind_nat
         announce = [_maddr(config.announce_host, config.port)] if config.announce_host and config.port else None
         swarm_key = SwarmKey.from_file(config.swarm_key_file) if config.swarm_key_file else None
         allowed = None
@@ -154,7 +285,8 @@ class Node:
                     raise CorollaError(f"cannot write the identity file {identity}: {e}") from None
             private_key = load_identity(identity)
             try:
-                p2p = await _GatedP2P.create(
+                p2p_class = _p2p_class(_RELAY_SERVICE_OPTIONS if config.reachability == "public" else {})
+                p2p = await p2p_class.create(
                     initial_peers=list(config.initial_peers) or None,
                     host_maddrs=[_maddr(config.host, config.port)],
                     announce_maddrs=announce,
@@ -162,8 +294,14 @@ class Node:
                     check_if_identity_free=not fresh,
                     nat_port_map=config.nat_port_map,
                     use_relay=config.use_relay,
-                    use_auto_relay=config.use_relay,
+                    use_auto_relay=behind_nat,
+                    # relays to reserve a slot on (libp2p's autorelay; it also tries the DHT's peers)
+                    trusted_relays=list(config.relays or config.initial_peers) if behind_nat else None,
+                    # public: relay for others at once (libp2p serves as a relay only once it believes it is
+                    # public, which AutoNAT decides only after several peers dialled back)
+                    force_reachability=None if config.reachability == "auto" else config.reachability,
                     use_ipfs=False,
+                    # the daemon's own DHT (peer routing: how a client finds a relayed server's circuit address)
                     dht_mode="client" if client_mode else "server",
                 )
             except Exception as e:
@@ -176,7 +314,7 @@ class Node:
             raise CorollaError(f"the p2p daemon's peer id {peer_id} does not match the identity key")
         try:
             dht = await DHTNode.create(
-                p2p=p2p, initial_peers=list(config.initial_peers) or None, client_mode=client_mode,
+                p2p=p2p, initial_peers=list(config.initial_peers) or None, client_mode=dht_client,
                 ensure_bootstrap_success=True, wait_timeout=5,
                 record_validator=RecordSigner(private_key, membership),
                 authorizer=SwarmKeyAuthorizer(swarm_key) if swarm_key else None,
@@ -187,11 +325,45 @@ class Node:
             hint = (" (this is a private swarm: check the swarm key file and that this peer's id "
                     f"{peer_id} is in the others' allow-lists)" if membership.private else "")
             raise CorollaError(f"could not join the swarm through initial peers {peers}: {e}{hint}") from e
-        return cls(p2p, dht, membership, private_key)
+        node = cls(p2p, dht, membership, private_key)
+        node.behind_nat = behind_nat
+        if behind_nat:
+            node.relay_addresses = [f"{relay}/p2p-circuit/p2p/{peer_id}"
+                                    for relay in (config.relays or config.initial_peers)[:8] if "/p2p/" in relay]
+        return node
 
     async def addresses(self) -> list[str]:
         """Multiaddrs (with /p2p/<peer id>) that other peers can use as --initial-peers."""
         return [str(addr) for addr in await self._p2p.get_visible_maddrs(latest=True)]
+
+    def remember_addresses(self, peer_id: str, addresses: list[str]) -> None:
+        """Relay addresses a peer announced (its DHT record): dialled when the daemon's own routing cannot find it
+        (libp2p's peer routing does not always learn a NAT'd peer's circuit addresses: seen in tests/network)."""
+        if addresses and peer_id != self.peer_id:
+            self._known_addresses[peer_id] = list(addresses)
+
+    async def _dial_announced(self, peer: PeerID) -> None:
+        """Connect to `peer` through its announced relay addresses, if it announced any (else nothing)."""
+        encoded = []
+        for address in self._known_addresses.get(peer.to_base58(), []):
+            try:
+                encoded.append(_circuit_multiaddr(address))
+            except (ValueError, KeyError, TypeError) as e:
+                logger.debug("skipping the announced address %s: %s", address, e)
+        if encoded:
+            await self._p2p._client.connect(peer, encoded)
+
+    async def path_to(self, peer_id: str) -> str | None:
+        """How this peer is connected to `peer_id` now: "relayed" (every connection goes through a relay),
+        "direct", or None when not connected."""
+        try:
+            peers = await asyncio.wait_for(self._p2p.list_peers(), 5)
+        except (ControlFailure, P2PDaemonError, asyncio.TimeoutError, OSError):
+            return None
+        for info in peers:
+            if info.peer_id.to_base58() == peer_id:
+                return "relayed" if info.addrs and all(map(_is_circuit, info.addrs)) else "direct"
+        return None
 
     # ---- DHT ----------------------------------------------------------------------------------------------
 
@@ -283,7 +455,12 @@ class Node:
         except Exception:
             raise ConnectionError(f"{peer_id!r} is not a valid peer id") from None
         try:
-            _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer, protocol), timeout)
+            async with asyncio.timeout(timeout):
+                # A server behind NAT: connect through the relays it announced first. libp2p's own lookup of its
+                # address often does not find the circuit addresses and takes seconds to give up (tests/network);
+                # an existing connection makes this a no-op.
+                await self._dial_announced(peer)
+                _, reader, writer = await self._p2p.call_binary_stream_handler(peer, protocol)
         except (ControlFailure, P2PDaemonError) as e:
             raise ConnectionError(f"cannot reach {peer_id}: {e}") from None
         stream = MessageStream(peer_id, reader, writer, meter=self.meter)

@@ -39,6 +39,9 @@ class ServerRecord(BaseModel):
     served_block_tokens: int = Field(default=0, ge=0, description="work this server did for clients, ever: tokens "
                                                                   "through blocks (a backward pass counts twice)")
     started_at: float = Field(default=0.0, description="unix time the server process started (restarts change it)")
+    relay_addresses: list[str] = Field(default_factory=list, max_length=8, description="behind NAT "
+                                       "(--reachability private): multiaddrs that reach this server through relays, "
+                                       "<relay>/p2p-circuit/p2p/<server>; empty when it is reached directly")
     next_pings: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, max_length=16,
                                          description="round-trip seconds to servers of the blocks after this span, "
                                                      "measured by this server (clients route pushes with them)")

@@ -186,7 +186,7 @@ class Server:
                             cache_tokens_left=self.cache.tokens_left if state == ServerState.ONLINE else 0,
                             cache_tokens_total=self.cache.total_tokens,
                             version=corolla.__version__, public_name=self.config.public_name,
-                            started_at=self.started_at, next_pings=self.next_pings,
+                            started_at=self.started_at, next_pings=self.next_pings, relay_addresses=node.relay_addresses,
                             served_block_tokens=self.credits.served_block_tokens if self.credits else 0,
                             adapters=serving.handlers.adapters.names if serving else [])
 

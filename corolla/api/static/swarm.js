@@ -52,6 +52,7 @@ function drawTable(state) {
       el("td", "state-" + s.state, s.state), el("td", "num", s.throughput.toFixed(1)),
       el("td", "num", String(s.cache_tokens_left)), el("td", "", s.adapters.join(", ") || "–"),
       el("td", "", s.version || "–"), el("td", "num", s.rtt_ms === null ? "–" : s.rtt_ms.toFixed(2)),
+      el("td", "", s.reached || "–"),
       el("td", "num", String(s.served_block_tokens)),
       el("td", "", s.dtype), el("td", "", s.quant), el("td", "peer", s.peer_id),
     ];
