@@ -415,3 +415,28 @@ def test_forward_work_is_counted_but_does_not_cost_priority(tmp_path, keys):
     assert book.priority(session) == ROOT
     book.close()
     assert _book(tmp_path, "s", server).served_block_tokens == 3 * RECEIPT_SLACK_STEPS * 100 + 5
+
+
+def test_a_waiting_credited_grower_never_stalls_steps_that_need_no_new_page_nor_smaller_fitting_ones():
+    """Issue 20: while a credited session waits for pages, a free rider's decode step inside its own pages runs at
+    once (no pre-emption), and a lower waiter whose need fits goes before a top waiter whose need does not."""
+    import asyncio
+
+    from corolla.server.cache import Allocation, CacheManager
+
+    async def main():
+        cache = CacheManager(4 * 8, page_tokens=8)  # 4 pages
+        rider, holder = Allocation(), Allocation()
+        assert cache.try_grow(rider, 8).value == "ok" and cache.try_grow(holder, 16).value == "ok"  # 1 page free
+        big = asyncio.ensure_future(cache.grow(Allocation(), 24, timeout=5, priority=9.0))  # needs 3 pages
+        await asyncio.sleep(0.02)
+        assert not big.done()
+        began = asyncio.get_running_loop().time()
+        await cache.grow(rider, 5, timeout=2, priority=0.0)  # holds the page already
+        await cache.grow(rider, 16, timeout=2, priority=0.0)  # needs 1 page: 1 is free, the top waiter needs 3
+        assert asyncio.get_running_loop().time() - began < 0.5 and rider.page_count == 2
+        await cache.release(holder)
+        await cache.release(rider)
+        await asyncio.wait_for(big, 2)
+
+    asyncio.run(main())
