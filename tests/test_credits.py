@@ -440,3 +440,21 @@ def test_a_waiting_credited_grower_never_stalls_steps_that_need_no_new_page_nor_
         await asyncio.wait_for(big, 2)
 
     asyncio.run(main())
+
+
+def test_republished_and_older_receipts_count_once(tmp_path, keys):
+    """Issue 20: a server publishing the same receipt many times, or a payer's older cumulative receipts, or another
+    server's receipts as its own, gains nothing: one edge per (payer, payee), its highest sequence."""
+    honest, attacker, other = peer(keys["server"]), peer(keys["mallory"]), peer(keys["bob"])
+    alice = keys["alice"]
+    chain = [sign_receipt(alice, SWARM, attacker, 100 * i, i, at=NOW) for i in range(1, 6)]  # cumulative: 500
+    for_other = sign_receipt(alice, SWARM, other, 700, 1, at=NOW)
+    book = _book(tmp_path, "h", honest, trusted=[peer(alice)])
+    book.refresh({other: {"receipts": [encode(for_other)]}})  # verified (and cached) once from its own publisher
+    book.refresh({attacker: {"receipts": [encode(chain[-1])] * 20 + [encode(r) for r in chain]
+                             + [encode(for_other)] * 5},
+                  other: {"receipts": [encode(for_other)] * 3}})
+    assert book.standing[attacker] == pytest.approx(500)
+    assert book.standing[other] == pytest.approx(700)
+    book.refresh({attacker: {"receipts": [encode(for_other)]}})  # only another server's receipt: not its work
+    assert attacker not in book.standing and other not in book.standing

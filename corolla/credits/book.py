@@ -73,7 +73,7 @@ class CreditBook:
         self._speaks_for: dict[str, tuple[str, float]] = {}  # client peer -> (identity, delegation expiry)
         self._credited: Counter = Counter()  # identity -> credited sessions open
         self._unsaved: Counter = Counter()  # block-tokens served, not yet in the ledger
-        self._verified: dict[bytes, Edge] = {}  # signature -> edge, for receipts read from the DHT
+        self._verified: dict[bytes, WorkReceipt] = {}  # signature -> checked receipt, read from the DHT
         self.standing: dict[str, float] = {}
         self._stateless = 0  # block-tokens of forwards and backwards: counted, not receipted (yet)
         for peer, served in ledger.served(swarm).items():
@@ -185,39 +185,45 @@ class CreditBook:
     # ---- the swarm's receipts (DHT) -----------------------------------------------------------------------
 
     def refresh(self, published: dict[str, object]) -> None:
-        """Recompute standing from our own receipts and other servers' published records {publisher: value}."""
+        """Recompute standing from our own receipts and other servers' published records {publisher: value}.
+        Receipts are cumulative: only the latest (highest sequence) of each (payer, payee) counts, however many
+        times it or older ones of the same payer were published."""
         now = self.clock()
-        edges = [Edge(identity_of(r), self.peer_id, r.block_tokens, r.time)
-                 for r in self.ledger.receipts(EARNED, self.swarm)]
+        latest: dict[tuple[str, str], WorkReceipt] = {}
+        found = list(self.ledger.receipts(EARNED, self.swarm))
         for publisher, value in published.items():
             if publisher == self.peer_id or not isinstance(value, dict):
                 continue
             receipts = value.get("receipts")
             for encoded in receipts[:PUBLISHED_RECEIPTS] if isinstance(receipts, list) else ():
-                edge = self._published_edge(publisher, encoded, now)
-                if edge is not None:
-                    edges.append(edge)
+                receipt = self._published_receipt(publisher, encoded, now)
+                if receipt is not None:
+                    found.append(receipt)
+        for receipt in found:
+            pair = (receipt.payer, receipt.payee)
+            if pair not in latest or receipt.sequence > latest[pair].sequence:
+                latest[pair] = receipt
+        edges = [Edge(identity_of(r), r.payee, r.block_tokens, r.time) for r in latest.values()]
         self.standing = compute_standing(self.roots, edges, now, self.half_life, self.damping)
 
-    def _published_edge(self, publisher: str, encoded, now: float) -> Edge | None:
+    def _published_receipt(self, publisher: str, encoded, now: float) -> WorkReceipt | None:
+        """The receipt in `encoded` if it is a valid one for work done by `publisher` (checked once, then cached)."""
         if not isinstance(encoded, bytes):
             return None
         try:
             receipt = decode(encoded)
-            if not isinstance(receipt, WorkReceipt):
-                return None
-            known = self._verified.get(receipt.signature)
-            if known is not None:
-                return known
+            if not isinstance(receipt, WorkReceipt) or receipt.payee != publisher:
+                return None  # a server publishes only receipts for its own work
+            if self._verified.get(receipt.signature) == receipt:
+                return receipt
             check_receipt(receipt, self.swarm, publisher, now)
         except Exception as e:  # a bad record costs its publisher its credit, nothing else
             logger.debug("ignoring a receipt published by %s: %s", publisher, e)
             return None
-        edge = Edge(identity_of(receipt), publisher, receipt.block_tokens, receipt.time)
         if len(self._verified) > 100_000:  # bounded memory: start over (re-verifying costs ~0.1 ms a receipt)
             self._verified.clear()
-        self._verified[receipt.signature] = edge
-        return edge
+        self._verified[receipt.signature] = receipt
+        return receipt
 
     def close(self) -> None:
         self._flush_served()
