@@ -458,3 +458,38 @@ def test_republished_and_older_receipts_count_once(tmp_path, keys):
     assert book.standing[other] == pytest.approx(700)
     book.refresh({attacker: {"receipts": [encode(for_other)]}})  # only another server's receipt: not its work
     assert attacker not in book.standing and other not in book.standing
+
+
+def test_a_failing_ledger_leaves_the_book_as_the_ledger_and_never_costs_a_session(tmp_path, keys, engine):
+    """Issue 20: the ledger is written before the book's memory (a failed write leaves both as they were), and a
+    failure inside credits opens the session without credit, never leaking its engine session or escaping."""
+    from corolla.net.messages import OpenSession
+    from corolla.server.handlers import Handlers, Limits
+
+    server, alice = peer(keys["server"]), keys["alice"]
+    book = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    payer = Payer(alice, SWARM)
+    book.served(peer(alice), 10)
+    payer.accepted(server, 10)
+    receipt = payer.receipt(server)
+    book.ledger.close()
+    with pytest.raises(Exception):
+        book.accept(receipt, peer(alice))
+    book.ledger = Ledger(tmp_path / "s.sqlite")
+    book.accept(receipt, peer(alice))  # not "replayed": the failed attempt left no trace in memory either
+
+    class Broken:
+        def open_session(self, peer_id, receipt):
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+        accept = close_session = open_session
+
+    handlers = Handlers(engine.backend, engine, SWARM, Limits(64, 4, 64, 60.0), None, credits=Broken())
+    before = set(engine.sessions)
+    session = handlers._open(OpenSession(model_id=SWARM, start_block=0, end_block=2, max_length=8, receipt=receipt),
+                             peer(alice))
+    assert session.credit is None and session.state in engine.sessions
+    handlers._take_receipt(receipt, peer(alice))  # logged, not raised: the reader task lives on
+    import asyncio
+    asyncio.run(handlers._close(session))
+    assert set(engine.sessions) == before

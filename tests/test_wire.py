@@ -120,3 +120,13 @@ def test_work_receipt_round_trip_and_open_session_carries_one():
     assert opened.receipt == receipt
     with pytest.raises(BadRequestError, match="work_receipt.block_tokens"):
         decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION, "body": {**body, "block_tokens": -1}}))
+    # Counters fit the ledger's signed 64-bit columns and times are finite (issue 20: 2**64-1 crashed sqlite).
+    for field, value in [("sequence", 2**63), ("sequence", 2**64 - 1), ("block_tokens", 2**63),
+                         ("time", float("nan")), ("time", float("inf"))]:
+        with pytest.raises(BadRequestError, match=f"work_receipt.{field}"):
+            decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION, "body": {**body, field: value}}))
+    with pytest.raises(BadRequestError, match="expires"):
+        decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION,
+                              "body": {**body, "delegation": {**body["delegation"], "expires": float("inf")}}}))
+    assert decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION,
+                                 "body": {**body, "sequence": 2**63 - 1}})).sequence == 2**63 - 1

@@ -111,13 +111,13 @@ class CreditBook:
             self.stats.rejected += 1
             self.stats.last_rejection = str(e)
             raise
+        self.ledger.put(EARNED, receipt)  # first: if the ledger fails, memory still agrees with it
         self.stats.accepted += 1
         payer.latest = Latest(receipt.sequence, receipt.block_tokens)
         while payer.unpaid and payer.unpaid[0] <= receipt.block_tokens:
             payer.unpaid.popleft()
         if receipt.delegation is not None:
             self._speaks_for[sender] = (identity_of(receipt), receipt.delegation.expires)
-        self.ledger.put(EARNED, receipt)
         self._flush_served()
 
     def served(self, peer: str, block_tokens: int, receipted: bool = True) -> None:
@@ -152,6 +152,8 @@ class CreditBook:
                 self.accept(receipt, peer)
             except ReceiptError as e:
                 logger.info("session of %s opened without credit: %s", peer, e)
+            except Exception:  # the ledger failed: the session opens all the same, credited by standing only
+                logger.exception("session of %s: its receipt could not be kept", peer)
         session = SessionCredit(peer)
         self._take_slot(session)
         identity = self.identity(peer)
