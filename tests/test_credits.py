@@ -493,3 +493,37 @@ def test_a_failing_ledger_leaves_the_book_as_the_ledger_and_never_costs_a_sessio
     import asyncio
     asyncio.run(handlers._close(session))
     assert set(engine.sessions) == before
+
+
+def test_an_honest_client_stays_credited_after_the_server_lost_unsaved_counts_in_a_crash(tmp_path, keys):
+    """Issue 20: served counts reach the ledger every few seconds; after a crash an honest client's cumulative
+    receipts exceed what the server remembers serving. Its first receipt re-bases the count (once per restart);
+    a new peer, or the same peer again, still cannot receipt more than was served."""
+    server, alice = peer(keys["server"]), keys["alice"]
+    book = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    payer = Payer(alice, SWARM)
+    session = book.open_session(peer(alice), None)
+    book.served(peer(alice), 1000)
+    payer.accepted(server, 1000)
+    book.accept(payer.receipt(server), peer(alice))  # saves the count
+    book.served(peer(alice), 500)  # never saved: the server crashes (no close)
+    payer.accepted(server, 500)
+    del session
+
+    again = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    assert again.served_block_tokens == 1000
+    session = again.open_session(peer(alice), None)
+    again.served(peer(alice), 100)
+    payer.accepted(server, 100)
+    again.accept(payer.receipt(server), peer(alice))  # 1600 > 1100 remembered: the lost 500 re-based
+    assert again.priority(session) == ROOT and again.served_block_tokens == 1600
+    for _ in range(RECEIPT_SLACK_STEPS * 2):
+        again.served(peer(alice), 10)
+        payer.accepted(server, 10)
+        if payer.due(server):
+            again.accept(payer.receipt(server), peer(alice))
+    assert again.priority(session) == ROOT
+    with pytest.raises(ReceiptError, match="only .* were served"):  # once per restart only
+        again.accept(sign_receipt(alice, SWARM, server, 10**9, 10**15, at=NOW), peer(alice))
+    with pytest.raises(ReceiptError, match="only .* were served"):  # a peer the ledger did not know
+        again.accept(sign_receipt(keys["bob"], SWARM, server, 10, 1, at=NOW), peer(keys["bob"]))

@@ -59,6 +59,9 @@ class _Payer:
     latest: Latest | None = None
     unpaid: deque = field(default_factory=lambda: deque(maxlen=RECEIPT_SLACK_STEPS + 1))  # served totals per step
     served: int = 0  # block-tokens served to this peer, ever
+    # Known from the ledger at start-up: served counts are saved every few seconds, so after a crash the count may
+    # miss work the client accepted and will receipt. Its first receipt of this run may then exceed `served`, once.
+    restarted: bool = False
 
 
 class CreditBook:
@@ -83,6 +86,8 @@ class CreditBook:
                 self._payer(peer).served = served
         for receipt in ledger.receipts(EARNED, swarm):
             self._payer(receipt.payer).latest = Latest(receipt.sequence, receipt.block_tokens)
+        for payer in self._payers.values():
+            payer.restarted = True
         self.refresh({})
 
     def _payer(self, peer: str) -> _Payer:
@@ -104,7 +109,7 @@ class CreditBook:
                 raise ReceiptError(f"receipt signed by {receipt.payer} sent by another peer {sender}")
             payer = self._payer(sender)
             check_receipt(receipt, self.swarm, self.peer_id, self.clock(), payer.latest)
-            if receipt.block_tokens > payer.served:
+            if receipt.block_tokens > payer.served and not payer.restarted:
                 raise ReceiptError(f"receipt for {receipt.block_tokens} block-tokens; only {payer.served} were "
                                    f"served to {sender}")
         except ReceiptError as e:
@@ -114,6 +119,12 @@ class CreditBook:
         self.ledger.put(EARNED, receipt)  # first: if the ledger fails, memory still agrees with it
         self.stats.accepted += 1
         payer.latest = Latest(receipt.sequence, receipt.block_tokens)
+        if payer.restarted:  # the work lost from our count in a crash: the client's count is the better one
+            payer.restarted = False
+            lost = receipt.block_tokens - payer.served
+            if lost > 0:
+                payer.served += lost
+                self._unsaved[sender] += lost
         while payer.unpaid and payer.unpaid[0] <= receipt.block_tokens:
             payer.unpaid.popleft()
         if receipt.delegation is not None:
