@@ -527,3 +527,19 @@ def test_an_honest_client_stays_credited_after_the_server_lost_unsaved_counts_in
         again.accept(sign_receipt(alice, SWARM, server, 10**9, 10**15, at=NOW), peer(alice))
     with pytest.raises(ReceiptError, match="only .* were served"):  # a peer the ledger did not know
         again.accept(sign_receipt(keys["bob"], SWARM, server, 10, 1, at=NOW), peer(keys["bob"]))
+
+
+def test_a_low_standing_step_that_cannot_share_a_forward_still_gets_turns(engine):
+    """Issue 20: credited steps are sorted by standing; one of low standing whose step cannot share a forward with
+    the higher ones (other blocks) still goes first every FREE_RIDER_TURN-th plan, like a free rider would."""
+    high = engine.open(0, 2, 1, 8)
+    high.priority = 1000.0
+    low = engine.open(0, 1, 1, 8)  # another span: never in the same forward as `high`
+    low.priority = 1.0
+    served = [plan[0] for plan in _saturate(engine, [high, low], 40)]
+    places = [i for i, s in enumerate(served) if s is low]
+    assert places and places[0] < FREE_RIDER_TURN
+    assert max(b - a for a, b in zip(places, places[1:])) <= FREE_RIDER_TURN
+    assert served.count(high) >= 0.75 * len(served)
+    for session in (high, low):
+        engine.close_now(session)
