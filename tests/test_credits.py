@@ -543,3 +543,21 @@ def test_a_low_standing_step_that_cannot_share_a_forward_still_gets_turns(engine
     assert served.count(high) >= 0.75 * len(served)
     for session in (high, low):
         engine.close_now(session)
+
+
+def test_malformed_credits_records_are_skipped_by_servers_and_the_command(tmp_path, keys):
+    """Issue 20: a publisher's record that is not a valid CreditsRecord is skipped; the others still count, and
+    `corolla credits show` prints them."""
+    from corolla.credits.commands import _standing_lines
+
+    honest, other = peer(keys["server"]), peer(keys["bob"])
+    alice = keys["alice"]
+    good = {"receipts": [encode(sign_receipt(alice, SWARM, other, 700, 1, at=NOW))], "standing": {peer(alice): 5.0},
+            "served_block_tokens": 700, "started": NOW}
+    bad = {"QmBad1": {"standing": []}, "QmBad2": {"receipts": "x"}, "QmBad3": [1, 2], "QmBad4": {"standing": {"x": {}}},
+           "QmBad5": {"served_block_tokens": "many"}, "QmBad6": {"standing": [1]}}
+    book = _book(tmp_path, "h", honest, trusted=[peer(alice)])
+    book.refresh({other: good, **bad})
+    assert book.standing[other] == pytest.approx(700)
+    lines = _standing_lines({other: good, **bad}, SWARM, peer(alice))
+    assert len(lines) == 2 and other in lines[1] and "700" in lines[1] and "standing 5" in lines[1]

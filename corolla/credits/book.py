@@ -17,21 +17,33 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from corolla.credits.ledger import EARNED, Ledger
 from corolla.credits.receipts import Latest, ReceiptError, check_receipt, identity_of
 from corolla.credits.standing import DAMPING, HALF_LIFE_S, Edge, compute_standing
 from corolla.net.messages import WorkReceipt
+from corolla.net.records import CreditsRecord
 from corolla.net.wire import decode, encode
 
 logger = logging.getLogger(__name__)
 
 RECEIPT_SLACK_STEPS = 48  # 3x the client's receipt period (16 steps): room for a lost or late receipt
 CREDITED_SESSIONS_PER_IDENTITY = 8  # one contributor cannot take every slot with many sessions
-PUBLISHED_RECEIPTS = 32  # the largest receipts this server puts in the DHT (the record stays under ~40 KB)
-PUBLISHED_STANDING = 64  # identities with the most standing here, published for `corolla credits`
+PUBLISHED_RECEIPTS = 32  # (CreditsRecord's bound) the largest receipts this server puts in the DHT (the record stays under ~40 KB)
+PUBLISHED_STANDING = 64  # (CreditsRecord's bound) identities with the most standing here, published for `corolla credits`
 
 
 _STATELESS = "stateless:"  # ledger rows of forward and backward work (a peer id never starts so)
+
+
+def read_record(value: object) -> CreditsRecord | None:
+    """A credits record read from the DHT, or None when it is not a valid one (its publisher's loss only)."""
+    try:
+        return CreditsRecord.model_validate(value)
+    except ValidationError as e:
+        logger.debug("ignoring an invalid credits record: %s", e)
+        return None
 
 
 def credits_key(swarm: str) -> str:
@@ -205,10 +217,8 @@ class CreditBook:
         latest: dict[tuple[str, str], WorkReceipt] = {}
         found = list(self.ledger.receipts(EARNED, self.swarm))
         for publisher, value in published.items():
-            if publisher == self.peer_id or not isinstance(value, dict):
-                continue
-            receipts = value.get("receipts")
-            for encoded in receipts[:PUBLISHED_RECEIPTS] if isinstance(receipts, list) else ():
+            record = read_record(value) if publisher != self.peer_id else None
+            for encoded in record.receipts if record is not None else ():
                 receipt = self._published_receipt(publisher, encoded, now)
                 if receipt is not None:
                     found.append(receipt)
@@ -219,10 +229,8 @@ class CreditBook:
         edges = [Edge(identity_of(r), r.payee, r.block_tokens, r.time) for r in latest.values()]
         self.standing = compute_standing(self.roots, edges, now, self.half_life, self.damping)
 
-    def _published_receipt(self, publisher: str, encoded, now: float) -> WorkReceipt | None:
+    def _published_receipt(self, publisher: str, encoded: bytes, now: float) -> WorkReceipt | None:
         """The receipt in `encoded` if it is a valid one for work done by `publisher` (checked once, then cached)."""
-        if not isinstance(encoded, bytes):
-            return None
         try:
             receipt = decode(encoded)
             if not isinstance(receipt, WorkReceipt) or receipt.payee != publisher:
@@ -248,6 +256,6 @@ class CreditBook:
         receipts = sorted(self.ledger.receipts(EARNED, self.swarm), key=lambda r: -r.block_tokens)
         standing = sorted(((who, value) for who, value in self.standing.items() if who != self.peer_id),
                           key=lambda item: -item[1])[:PUBLISHED_STANDING]
-        return {"receipts": [encode(r) for r in receipts[:PUBLISHED_RECEIPTS] if r.block_tokens > 0],
-                "standing": {who: (-1.0 if math.isinf(value) else value) for who, value in standing},
-                "served_block_tokens": self.served_block_tokens, "started": self.started}
+        return CreditsRecord(receipts=[encode(r) for r in receipts[:PUBLISHED_RECEIPTS] if r.block_tokens > 0],
+                             standing={who: (-1.0 if math.isinf(value) else value) for who, value in standing},
+                             served_block_tokens=self.served_block_tokens, started=self.started).model_dump()
