@@ -561,3 +561,34 @@ def test_malformed_credits_records_are_skipped_by_servers_and_the_command(tmp_pa
     assert book.standing[other] == pytest.approx(700)
     lines = _standing_lines({other: good, **bad}, SWARM, peer(alice))
     assert len(lines) == 2 and other in lines[1] and "700" in lines[1] and "standing 5" in lines[1]
+
+
+def test_the_server_closes_its_credits_ledger_only_after_its_node(tmp_path, tiny_llama, monkeypatch):
+    """Issue 20: handlers run until the node shuts down; the ledger they write must still be open then."""
+    import asyncio
+
+    from corolla.net.node import NetworkConfig
+    from corolla.server import server as server_module
+    from corolla.server.config import ServerConfig
+
+    seen = []
+
+    class FakeNode:
+        peer_id = "QmFakeServer"
+
+        async def shutdown(self):
+            seen.append(server.credits.ledger.served(SWARM) == {})  # raises if the ledger is closed
+
+    async def create(*args, **kwargs):
+        return FakeNode()
+
+    async def choose_blocks(node):
+        raise RuntimeError("stop here")
+
+    server = server_module.Server(ServerConfig(model=str(tiny_llama), credits=True,
+                                               credits_ledger=str(tmp_path / "l.sqlite")), NetworkConfig())
+    monkeypatch.setattr(server_module.Node, "create", create)
+    monkeypatch.setattr(server, "_choose_blocks", choose_blocks)
+    with pytest.raises(RuntimeError, match="stop here"):
+        asyncio.run(server.run())
+    assert seen == [True]
