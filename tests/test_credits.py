@@ -592,3 +592,34 @@ def test_the_server_closes_its_credits_ledger_only_after_its_node(tmp_path, tiny
     with pytest.raises(RuntimeError, match="stop here"):
         asyncio.run(server.run())
     assert seen == [True]
+
+
+def test_peers_without_receipts_are_forgotten_and_standing_uses_the_largest_receipts(tmp_path, keys, monkeypatch):
+    """Issue 20: peer ids are free, so the book keeps nothing per peer that has no receipt and no session open
+    (its work stays in the total served, here and in the ledger), and standing reads at most STANDING_EDGES."""
+    import corolla.credits.book as book_module
+
+    server, alice = peer(keys["server"]), keys["alice"]
+    book = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    for i in range(300):
+        session = book.open_session(f"QmFree{i}", None)
+        book.served(f"QmFree{i}", 10)
+        book.served(f"QmFree{i}", 5, receipted=False)
+        book.close_session(session)
+    payer = Payer(alice, SWARM)
+    session = book.open_session(peer(alice), None)
+    book.served(peer(alice), 40)
+    payer.accepted(server, 40)
+    book.accept(payer.receipt(server), peer(alice))
+    book.close_session(session)
+    assert list(book._payers) == [peer(alice)] and book.served_block_tokens == 300 * 15 + 40
+    assert len(book.ledger.served(SWARM)) <= 3  # alice, forwards, the forgotten peers
+    book.close()
+    assert _book(tmp_path, "s", server).served_block_tokens == 300 * 15 + 40
+
+    monkeypatch.setattr(book_module, "STANDING_EDGES", 2)
+    others = [peer(keys[name]) for name in ("bob", "carol", "mallory")]
+    ranked = _book(tmp_path, "r", server, trusted=[peer(alice)])
+    ranked.refresh(_published(*[sign_receipt(alice, SWARM, who, 100 * (i + 1), 1, at=NOW)
+                                for i, who in enumerate(others)]))
+    assert others[0] not in ranked.standing and ranked.standing[others[2]] == pytest.approx(300)

@@ -11,6 +11,7 @@ its delegation), or 0 (a free rider) when:
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 
 from corolla.credits.ledger import EARNED, Ledger
 from corolla.credits.receipts import Latest, ReceiptError, check_receipt, identity_of
-from corolla.credits.standing import DAMPING, HALF_LIFE_S, Edge, compute_standing
+from corolla.credits.standing import DAMPING, HALF_LIFE_S, Edge, compute_standing, decayed
 from corolla.net.messages import WorkReceipt
 from corolla.net.records import CreditsRecord
 from corolla.net.wire import decode, encode
@@ -34,7 +35,9 @@ PUBLISHED_RECEIPTS = 32  # (CreditsRecord's bound) the largest receipts this ser
 PUBLISHED_STANDING = 64  # (CreditsRecord's bound) identities with the most standing here, published for `corolla credits`
 
 
-_STATELESS = "stateless:"  # ledger rows of forward and backward work (a peer id never starts so)
+_STATELESS = "stateless:"  # the ledger row of forward and backward work (a peer id never starts so)
+_FORGOTTEN = "forgotten:"  # the ledger row of work served to peers the book forgot (no receipt, no session open)
+STANDING_EDGES = 100_000  # the largest receipts standing is computed from (~0.1 s of work; the rest count nothing)
 
 
 def read_record(value: object) -> CreditsRecord | None:
@@ -90,10 +93,11 @@ class CreditBook:
         self._unsaved: Counter = Counter()  # block-tokens served, not yet in the ledger
         self._verified: dict[bytes, WorkReceipt] = {}  # signature -> checked receipt, read from the DHT
         self.standing: dict[str, float] = {}
-        self._stateless = 0  # block-tokens of forwards and backwards: counted, not receipted (yet)
+        self._sessions: Counter = Counter()  # client peer -> its sessions open here
+        self._anonymous = 0  # block-tokens served, not kept per peer: forwards, backwards, forgotten peers' work
         for peer, served in ledger.served(swarm).items():
-            if peer.startswith(_STATELESS):
-                self._stateless += served
+            if peer.startswith((_STATELESS, _FORGOTTEN)):
+                self._anonymous += served
             else:
                 self._payer(peer).served = served
         for receipt in ledger.receipts(EARNED, swarm):
@@ -110,7 +114,7 @@ class CreditBook:
 
     @property
     def served_block_tokens(self) -> int:
-        return sum(payer.served for payer in self._payers.values()) + self._stateless
+        return sum(payer.served for payer in self._payers.values()) + self._anonymous
 
     # ---- receipts and work (event loop thread) ---------------------------------------------------------------
 
@@ -147,8 +151,8 @@ class CreditBook:
         """`block_tokens` of work done for `peer`: an inference step (receipted: clients sign for those), or a
         stateless forward or backward (counted in what this server served, not expected in receipts)."""
         if not receipted:
-            self._stateless += block_tokens
-            self._unsaved[_STATELESS + peer] += block_tokens
+            self._anonymous += block_tokens
+            self._unsaved[_STATELESS] += block_tokens
             return
         payer = self._payer(peer)
         payer.served += block_tokens
@@ -178,6 +182,7 @@ class CreditBook:
             except Exception:  # the ledger failed: the session opens all the same, credited by standing only
                 logger.exception("session of %s: its receipt could not be kept", peer)
         session = SessionCredit(peer)
+        self._sessions[peer] += 1
         self._take_slot(session)
         identity = self.identity(peer)
         standing = self.standing.get(identity, 0.0) if session.slot is not None else 0.0
@@ -197,6 +202,20 @@ class CreditBook:
             self._credited[session.slot] = max(0, self._credited[session.slot] - 1)
             session.slot = None
         self._flush_served()
+        self._sessions[session.peer] -= 1
+        if self._sessions[session.peer] <= 0:
+            del self._sessions[session.peer]
+            self._forget_if_unpaid(session.peer)
+
+    def _forget_if_unpaid(self, peer: str) -> None:
+        """Peer ids cost nothing: the book keeps no state for a peer with no receipt and no session open here,
+        only its work in the total served (its next session starts from nothing)."""
+        payer = self._payers.get(peer)
+        if payer is None or payer.latest is not None:
+            return
+        self.ledger.forget_served(self.swarm, peer, _FORGOTTEN)
+        self._anonymous += payer.served
+        del self._payers[peer]
 
     def priority(self, session: SessionCredit) -> float:
         """The session's place in line under contention: its identity's standing, 0 for a free rider."""
@@ -227,6 +246,8 @@ class CreditBook:
             if pair not in latest or receipt.sequence > latest[pair].sequence:
                 latest[pair] = receipt
         edges = [Edge(identity_of(r), r.payee, r.block_tokens, r.time) for r in latest.values()]
+        if len(edges) > STANDING_EDGES:
+            edges = heapq.nlargest(STANDING_EDGES, edges, key=lambda e: decayed(e, now, self.half_life))
         self.standing = compute_standing(self.roots, edges, now, self.half_life, self.damping)
 
     def _published_receipt(self, publisher: str, encoded: bytes, now: float) -> WorkReceipt | None:
