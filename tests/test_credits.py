@@ -623,3 +623,23 @@ def test_peers_without_receipts_are_forgotten_and_standing_uses_the_largest_rece
     ranked.refresh(_published(*[sign_receipt(alice, SWARM, who, 100 * (i + 1), 1, at=NOW)
                                 for i, who in enumerate(others)]))
     assert others[0] not in ranked.standing and ranked.standing[others[2]] == pytest.approx(300)
+
+
+def test_a_delegation_arriving_mid_session_moves_its_slot_to_the_delegating_server(tmp_path, keys):
+    """Issue 20: a session that took a credited slot as its own peer, then sent a receipt with a delegation, gets
+    the delegating server's standing (and its slot counts against that server's cap); when the delegation
+    expires it speaks for itself again."""
+    server, home, carol = peer(keys["server"]), peer(keys["home_server"]), keys["carol"]
+    clock = [NOW]
+    book = _book(tmp_path, "s", server, trusted=[peer(keys["alice"])], clock=lambda: clock[0])
+    book.refresh(_published(sign_receipt(keys["alice"], SWARM, home, 7_000, 1, at=NOW),
+                            sign_receipt(keys["alice"], SWARM, peer(carol), 50, 2, at=NOW)))
+    session = book.open_session(peer(carol), None)
+    assert book.priority(session) == pytest.approx(50)
+    payer = Payer(carol, SWARM, delegate(keys["home_server"], peer(carol), SWARM, NOW + 60))
+    book.accept(payer.receipt(server), peer(carol))
+    assert book.priority(session) == pytest.approx(7_000)
+    assert book._credited[home] == 1 and book._credited[peer(carol)] == 0
+    clock[0] = NOW + 61
+    assert book.priority(session) == pytest.approx(50)
+    assert book._credited[home] == 0 and book._credited[peer(carol)] == 1

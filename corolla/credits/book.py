@@ -197,10 +197,13 @@ class CreditBook:
             session.slot = identity
             self._credited[identity] += 1
 
-    def close_session(self, session: SessionCredit) -> None:
+    def _release_slot(self, session: SessionCredit) -> None:
         if session.slot is not None:
             self._credited[session.slot] = max(0, self._credited[session.slot] - 1)
             session.slot = None
+
+    def close_session(self, session: SessionCredit) -> None:
+        self._release_slot(session)
         self._flush_served()
         self._sessions[session.peer] -= 1
         if self._sessions[session.peer] <= 0:
@@ -219,10 +222,11 @@ class CreditBook:
 
     def priority(self, session: SessionCredit) -> float:
         """The session's place in line under contention: its identity's standing, 0 for a free rider."""
+        if session.slot is not None and session.slot != self.identity(session.peer):
+            self._release_slot(session)  # a delegation came, or expired: the session now speaks for another
         if session.slot is None:
             self._take_slot(session)  # standing may have come since the session opened
-        if (session.slot is None or session.slot != self.identity(session.peer)
-                or len(self._payer(session.peer).unpaid) > RECEIPT_SLACK_STEPS):
+        if session.slot is None or len(self._payer(session.peer).unpaid) > RECEIPT_SLACK_STEPS:
             return 0.0
         return self.standing.get(session.slot, 0.0)
 
