@@ -415,3 +415,231 @@ def test_forward_work_is_counted_but_does_not_cost_priority(tmp_path, keys):
     assert book.priority(session) == ROOT
     book.close()
     assert _book(tmp_path, "s", server).served_block_tokens == 3 * RECEIPT_SLACK_STEPS * 100 + 5
+
+
+def test_a_waiting_credited_grower_never_stalls_steps_that_need_no_new_page_nor_smaller_fitting_ones():
+    """Issue 20: while a credited session waits for pages, a free rider's decode step inside its own pages runs at
+    once (no pre-emption), and a lower waiter whose need fits goes before a top waiter whose need does not."""
+    import asyncio
+
+    from corolla.server.cache import Allocation, CacheManager
+
+    async def main():
+        cache = CacheManager(4 * 8, page_tokens=8)  # 4 pages
+        rider, holder = Allocation(), Allocation()
+        assert cache.try_grow(rider, 8).value == "ok" and cache.try_grow(holder, 16).value == "ok"  # 1 page free
+        big = asyncio.ensure_future(cache.grow(Allocation(), 24, timeout=5, priority=9.0))  # needs 3 pages
+        await asyncio.sleep(0.02)
+        assert not big.done()
+        began = asyncio.get_running_loop().time()
+        await cache.grow(rider, 5, timeout=2, priority=0.0)  # holds the page already
+        await cache.grow(rider, 16, timeout=2, priority=0.0)  # needs 1 page: 1 is free, the top waiter needs 3
+        assert asyncio.get_running_loop().time() - began < 0.5 and rider.page_count == 2
+        await cache.release(holder)
+        await cache.release(rider)
+        await asyncio.wait_for(big, 2)
+
+    asyncio.run(main())
+
+
+def test_republished_and_older_receipts_count_once(tmp_path, keys):
+    """Issue 20: a server publishing the same receipt many times, or a payer's older cumulative receipts, or another
+    server's receipts as its own, gains nothing: one edge per (payer, payee), its highest sequence."""
+    honest, attacker, other = peer(keys["server"]), peer(keys["mallory"]), peer(keys["bob"])
+    alice = keys["alice"]
+    chain = [sign_receipt(alice, SWARM, attacker, 100 * i, i, at=NOW) for i in range(1, 6)]  # cumulative: 500
+    for_other = sign_receipt(alice, SWARM, other, 700, 1, at=NOW)
+    book = _book(tmp_path, "h", honest, trusted=[peer(alice)])
+    book.refresh({other: {"receipts": [encode(for_other)]}})  # verified (and cached) once from its own publisher
+    book.refresh({attacker: {"receipts": [encode(chain[-1])] * 20 + [encode(r) for r in chain]
+                             + [encode(for_other)] * 5},
+                  other: {"receipts": [encode(for_other)] * 3}})
+    assert book.standing[attacker] == pytest.approx(500)
+    assert book.standing[other] == pytest.approx(700)
+    book.refresh({attacker: {"receipts": [encode(for_other)]}})  # only another server's receipt: not its work
+    assert attacker not in book.standing and other not in book.standing
+
+
+def test_a_failing_ledger_leaves_the_book_as_the_ledger_and_never_costs_a_session(tmp_path, keys, engine):
+    """Issue 20: the ledger is written before the book's memory (a failed write leaves both as they were), and a
+    failure inside credits opens the session without credit, never leaking its engine session or escaping."""
+    from corolla.net.messages import OpenSession
+    from corolla.server.handlers import Handlers, Limits
+
+    server, alice = peer(keys["server"]), keys["alice"]
+    book = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    payer = Payer(alice, SWARM)
+    book.served(peer(alice), 10)
+    payer.accepted(server, 10)
+    receipt = payer.receipt(server)
+    book.ledger.close()
+    with pytest.raises(Exception):
+        book.accept(receipt, peer(alice))
+    book.ledger = Ledger(tmp_path / "s.sqlite")
+    book.accept(receipt, peer(alice))  # not "replayed": the failed attempt left no trace in memory either
+
+    class Broken:
+        def open_session(self, peer_id, receipt):
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+        accept = close_session = open_session
+
+    handlers = Handlers(engine.backend, engine, SWARM, Limits(64, 4, 64, 60.0), None, credits=Broken())
+    before = set(engine.sessions)
+    session = handlers._open(OpenSession(model_id=SWARM, start_block=0, end_block=2, max_length=8, receipt=receipt),
+                             peer(alice))
+    assert session.credit is None and session.state in engine.sessions
+    handlers._take_receipt(receipt, peer(alice))  # logged, not raised: the reader task lives on
+    import asyncio
+    asyncio.run(handlers._close(session))
+    assert set(engine.sessions) == before
+
+
+def test_an_honest_client_stays_credited_after_the_server_lost_unsaved_counts_in_a_crash(tmp_path, keys):
+    """Issue 20: served counts reach the ledger every few seconds; after a crash an honest client's cumulative
+    receipts exceed what the server remembers serving. Its first receipt re-bases the count (once per restart);
+    a new peer, or the same peer again, still cannot receipt more than was served."""
+    server, alice = peer(keys["server"]), keys["alice"]
+    book = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    payer = Payer(alice, SWARM)
+    session = book.open_session(peer(alice), None)
+    book.served(peer(alice), 1000)
+    payer.accepted(server, 1000)
+    book.accept(payer.receipt(server), peer(alice))  # saves the count
+    book.served(peer(alice), 500)  # never saved: the server crashes (no close)
+    payer.accepted(server, 500)
+    del session
+
+    again = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    assert again.served_block_tokens == 1000
+    session = again.open_session(peer(alice), None)
+    again.served(peer(alice), 100)
+    payer.accepted(server, 100)
+    again.accept(payer.receipt(server), peer(alice))  # 1600 > 1100 remembered: the lost 500 re-based
+    assert again.priority(session) == ROOT and again.served_block_tokens == 1600
+    for _ in range(RECEIPT_SLACK_STEPS * 2):
+        again.served(peer(alice), 10)
+        payer.accepted(server, 10)
+        if payer.due(server):
+            again.accept(payer.receipt(server), peer(alice))
+    assert again.priority(session) == ROOT
+    with pytest.raises(ReceiptError, match="only .* were served"):  # once per restart only
+        again.accept(sign_receipt(alice, SWARM, server, 10**9, 10**15, at=NOW), peer(alice))
+    with pytest.raises(ReceiptError, match="only .* were served"):  # a peer the ledger did not know
+        again.accept(sign_receipt(keys["bob"], SWARM, server, 10, 1, at=NOW), peer(keys["bob"]))
+
+
+def test_a_low_standing_step_that_cannot_share_a_forward_still_gets_turns(engine):
+    """Issue 20: credited steps are sorted by standing; one of low standing whose step cannot share a forward with
+    the higher ones (other blocks) still goes first every FREE_RIDER_TURN-th plan, like a free rider would."""
+    high = engine.open(0, 2, 1, 8)
+    high.priority = 1000.0
+    low = engine.open(0, 1, 1, 8)  # another span: never in the same forward as `high`
+    low.priority = 1.0
+    served = [plan[0] for plan in _saturate(engine, [high, low], 40)]
+    places = [i for i, s in enumerate(served) if s is low]
+    assert places and places[0] < FREE_RIDER_TURN
+    assert max(b - a for a, b in zip(places, places[1:])) <= FREE_RIDER_TURN
+    assert served.count(high) >= 0.75 * len(served)
+    for session in (high, low):
+        engine.close_now(session)
+
+
+def test_malformed_credits_records_are_skipped_by_servers_and_the_command(tmp_path, keys):
+    """Issue 20: a publisher's record that is not a valid CreditsRecord is skipped; the others still count, and
+    `corolla credits show` prints them."""
+    from corolla.credits.commands import _standing_lines
+
+    honest, other = peer(keys["server"]), peer(keys["bob"])
+    alice = keys["alice"]
+    good = {"receipts": [encode(sign_receipt(alice, SWARM, other, 700, 1, at=NOW))], "standing": {peer(alice): 5.0},
+            "served_block_tokens": 700, "started": NOW}
+    bad = {"QmBad1": {"standing": []}, "QmBad2": {"receipts": "x"}, "QmBad3": [1, 2], "QmBad4": {"standing": {"x": {}}},
+           "QmBad5": {"served_block_tokens": "many"}, "QmBad6": {"standing": [1]}}
+    book = _book(tmp_path, "h", honest, trusted=[peer(alice)])
+    book.refresh({other: good, **bad})
+    assert book.standing[other] == pytest.approx(700)
+    lines = _standing_lines({other: good, **bad}, SWARM, peer(alice))
+    assert len(lines) == 2 and other in lines[1] and "700" in lines[1] and "standing 5" in lines[1]
+
+
+def test_the_server_closes_its_credits_ledger_only_after_its_node(tmp_path, tiny_llama, monkeypatch):
+    """Issue 20: handlers run until the node shuts down; the ledger they write must still be open then."""
+    import asyncio
+
+    from corolla.net.node import NetworkConfig
+    from corolla.server import server as server_module
+    from corolla.server.config import ServerConfig
+
+    seen = []
+
+    class FakeNode:
+        peer_id = "QmFakeServer"
+
+        async def shutdown(self):
+            seen.append(server.credits.ledger.served(SWARM) == {})  # raises if the ledger is closed
+
+    async def create(*args, **kwargs):
+        return FakeNode()
+
+    async def choose_blocks(node):
+        raise RuntimeError("stop here")
+
+    server = server_module.Server(ServerConfig(model=str(tiny_llama), credits=True,
+                                               credits_ledger=str(tmp_path / "l.sqlite")), NetworkConfig())
+    monkeypatch.setattr(server_module.Node, "create", create)
+    monkeypatch.setattr(server, "_choose_blocks", choose_blocks)
+    with pytest.raises(RuntimeError, match="stop here"):
+        asyncio.run(server.run())
+    assert seen == [True]
+
+
+def test_peers_without_receipts_are_forgotten_and_standing_uses_the_largest_receipts(tmp_path, keys, monkeypatch):
+    """Issue 20: peer ids are free, so the book keeps nothing per peer that has no receipt and no session open
+    (its work stays in the total served, here and in the ledger), and standing reads at most STANDING_EDGES."""
+    import corolla.credits.book as book_module
+
+    server, alice = peer(keys["server"]), keys["alice"]
+    book = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    for i in range(300):
+        session = book.open_session(f"QmFree{i}", None)
+        book.served(f"QmFree{i}", 10)
+        book.served(f"QmFree{i}", 5, receipted=False)
+        book.close_session(session)
+    payer = Payer(alice, SWARM)
+    session = book.open_session(peer(alice), None)
+    book.served(peer(alice), 40)
+    payer.accepted(server, 40)
+    book.accept(payer.receipt(server), peer(alice))
+    book.close_session(session)
+    assert list(book._payers) == [peer(alice)] and book.served_block_tokens == 300 * 15 + 40
+    assert len(book.ledger.served(SWARM)) <= 3  # alice, forwards, the forgotten peers
+    book.close()
+    assert _book(tmp_path, "s", server).served_block_tokens == 300 * 15 + 40
+
+    monkeypatch.setattr(book_module, "STANDING_EDGES", 2)
+    others = [peer(keys[name]) for name in ("bob", "carol", "mallory")]
+    ranked = _book(tmp_path, "r", server, trusted=[peer(alice)])
+    ranked.refresh(_published(*[sign_receipt(alice, SWARM, who, 100 * (i + 1), 1, at=NOW)
+                                for i, who in enumerate(others)]))
+    assert others[0] not in ranked.standing and ranked.standing[others[2]] == pytest.approx(300)
+
+
+def test_a_delegation_arriving_mid_session_moves_its_slot_to_the_delegating_server(tmp_path, keys):
+    """Issue 20: a session that took a credited slot as its own peer, then sent a receipt with a delegation, gets
+    the delegating server's standing (and its slot counts against that server's cap); when the delegation
+    expires it speaks for itself again."""
+    server, home, carol = peer(keys["server"]), peer(keys["home_server"]), keys["carol"]
+    clock = [NOW]
+    book = _book(tmp_path, "s", server, trusted=[peer(keys["alice"])], clock=lambda: clock[0])
+    book.refresh(_published(sign_receipt(keys["alice"], SWARM, home, 7_000, 1, at=NOW),
+                            sign_receipt(keys["alice"], SWARM, peer(carol), 50, 2, at=NOW)))
+    session = book.open_session(peer(carol), None)
+    assert book.priority(session) == pytest.approx(50)
+    payer = Payer(carol, SWARM, delegate(keys["home_server"], peer(carol), SWARM, NOW + 60))
+    book.accept(payer.receipt(server), peer(carol))
+    assert book.priority(session) == pytest.approx(7_000)
+    assert book._credited[home] == 1 and book._credited[peer(carol)] == 0
+    clock[0] = NOW + 61
+    assert book.priority(session) == pytest.approx(50)
+    assert book._credited[home] == 0 and book._credited[peer(carol)] == 1

@@ -120,3 +120,32 @@ def test_work_receipt_round_trip_and_open_session_carries_one():
     assert opened.receipt == receipt
     with pytest.raises(BadRequestError, match="work_receipt.block_tokens"):
         decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION, "body": {**body, "block_tokens": -1}}))
+    # Counters fit the ledger's signed 64-bit columns and times are finite (issue 20: 2**64-1 crashed sqlite).
+    for field, value in [("sequence", 2**63), ("sequence", 2**64 - 1), ("block_tokens", 2**63),
+                         ("time", float("nan")), ("time", float("inf"))]:
+        with pytest.raises(BadRequestError, match=f"work_receipt.{field}"):
+            decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION, "body": {**body, field: value}}))
+    with pytest.raises(BadRequestError, match="expires"):
+        decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION,
+                              "body": {**body, "delegation": {**body["delegation"], "expires": float("inf")}}}))
+    assert decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION,
+                                 "body": {**body, "sequence": 2**63 - 1}})).sequence == 2**63 - 1
+
+
+def test_credits_record_encoding_is_pinned_and_bounded():
+    # A server's credits record in the DHT (net/records.py CreditsRecord; credits/book.py publishes and reads it).
+    from pydantic import ValidationError
+
+    from corolla.net.records import CreditsRecord
+
+    record = CreditsRecord(receipts=[b"r" * 1300], standing={"QmA": 12.5, "QmRoot": -1.0}, served_block_tokens=7,
+                           started=1.8e9)
+    packed = msgpack.packb(record.model_dump(), use_bin_type=True)
+    assert msgpack.unpackb(packed, raw=False) == {"receipts": [b"r" * 1300], "standing": {"QmA": 12.5, "QmRoot": -1.0},
+                                                  "served_block_tokens": 7, "started": 1.8e9}
+    assert CreditsRecord.model_validate(msgpack.unpackb(packed, raw=False)) == record
+    for bad in [{"standing": []}, {"receipts": "x"}, {"receipts": [b"r"] * 33}, {"receipts": [b"r" * 4097]},
+                {"standing": {"QmA": float("nan")}}, {"standing": {"QmA": -2.0}}, {"served_block_tokens": -1},
+                {"standing": {f"Qm{i}": 1.0 for i in range(65)}}]:
+        with pytest.raises(ValidationError):
+            CreditsRecord.model_validate(bad)

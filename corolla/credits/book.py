@@ -11,27 +11,42 @@ its delegation), or 0 (a free rider) when:
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from corolla.credits.ledger import EARNED, Ledger
 from corolla.credits.receipts import Latest, ReceiptError, check_receipt, identity_of
-from corolla.credits.standing import DAMPING, HALF_LIFE_S, Edge, compute_standing
+from corolla.credits.standing import DAMPING, HALF_LIFE_S, Edge, compute_standing, decayed
 from corolla.net.messages import WorkReceipt
+from corolla.net.records import CreditsRecord
 from corolla.net.wire import decode, encode
 
 logger = logging.getLogger(__name__)
 
 RECEIPT_SLACK_STEPS = 48  # 3x the client's receipt period (16 steps): room for a lost or late receipt
 CREDITED_SESSIONS_PER_IDENTITY = 8  # one contributor cannot take every slot with many sessions
-PUBLISHED_RECEIPTS = 32  # the largest receipts this server puts in the DHT (the record stays under ~40 KB)
-PUBLISHED_STANDING = 64  # identities with the most standing here, published for `corolla credits`
+PUBLISHED_RECEIPTS = 32  # (CreditsRecord's bound) the largest receipts this server puts in the DHT (the record stays under ~40 KB)
+PUBLISHED_STANDING = 64  # (CreditsRecord's bound) identities with the most standing here, published for `corolla credits`
 
 
-_STATELESS = "stateless:"  # ledger rows of forward and backward work (a peer id never starts so)
+_STATELESS = "stateless:"  # the ledger row of forward and backward work (a peer id never starts so)
+_FORGOTTEN = "forgotten:"  # the ledger row of work served to peers the book forgot (no receipt, no session open)
+STANDING_EDGES = 100_000  # the largest receipts standing is computed from (~0.1 s of work; the rest count nothing)
+
+
+def read_record(value: object) -> CreditsRecord | None:
+    """A credits record read from the DHT, or None when it is not a valid one (its publisher's loss only)."""
+    try:
+        return CreditsRecord.model_validate(value)
+    except ValidationError as e:
+        logger.debug("ignoring an invalid credits record: %s", e)
+        return None
 
 
 def credits_key(swarm: str) -> str:
@@ -59,6 +74,9 @@ class _Payer:
     latest: Latest | None = None
     unpaid: deque = field(default_factory=lambda: deque(maxlen=RECEIPT_SLACK_STEPS + 1))  # served totals per step
     served: int = 0  # block-tokens served to this peer, ever
+    # Known from the ledger at start-up: served counts are saved every few seconds, so after a crash the count may
+    # miss work the client accepted and will receipt. Its first receipt of this run may then exceed `served`, once.
+    restarted: bool = False
 
 
 class CreditBook:
@@ -73,16 +91,19 @@ class CreditBook:
         self._speaks_for: dict[str, tuple[str, float]] = {}  # client peer -> (identity, delegation expiry)
         self._credited: Counter = Counter()  # identity -> credited sessions open
         self._unsaved: Counter = Counter()  # block-tokens served, not yet in the ledger
-        self._verified: dict[bytes, Edge] = {}  # signature -> edge, for receipts read from the DHT
+        self._verified: dict[bytes, WorkReceipt] = {}  # signature -> checked receipt, read from the DHT
         self.standing: dict[str, float] = {}
-        self._stateless = 0  # block-tokens of forwards and backwards: counted, not receipted (yet)
+        self._sessions: Counter = Counter()  # client peer -> its sessions open here
+        self._anonymous = 0  # block-tokens served, not kept per peer: forwards, backwards, forgotten peers' work
         for peer, served in ledger.served(swarm).items():
-            if peer.startswith(_STATELESS):
-                self._stateless += served
+            if peer.startswith((_STATELESS, _FORGOTTEN)):
+                self._anonymous += served
             else:
                 self._payer(peer).served = served
         for receipt in ledger.receipts(EARNED, swarm):
             self._payer(receipt.payer).latest = Latest(receipt.sequence, receipt.block_tokens)
+        for payer in self._payers.values():
+            payer.restarted = True
         self.refresh({})
 
     def _payer(self, peer: str) -> _Payer:
@@ -93,7 +114,7 @@ class CreditBook:
 
     @property
     def served_block_tokens(self) -> int:
-        return sum(payer.served for payer in self._payers.values()) + self._stateless
+        return sum(payer.served for payer in self._payers.values()) + self._anonymous
 
     # ---- receipts and work (event loop thread) ---------------------------------------------------------------
 
@@ -104,28 +125,34 @@ class CreditBook:
                 raise ReceiptError(f"receipt signed by {receipt.payer} sent by another peer {sender}")
             payer = self._payer(sender)
             check_receipt(receipt, self.swarm, self.peer_id, self.clock(), payer.latest)
-            if receipt.block_tokens > payer.served:
+            if receipt.block_tokens > payer.served and not payer.restarted:
                 raise ReceiptError(f"receipt for {receipt.block_tokens} block-tokens; only {payer.served} were "
                                    f"served to {sender}")
         except ReceiptError as e:
             self.stats.rejected += 1
             self.stats.last_rejection = str(e)
             raise
+        self.ledger.put(EARNED, receipt)  # first: if the ledger fails, memory still agrees with it
         self.stats.accepted += 1
         payer.latest = Latest(receipt.sequence, receipt.block_tokens)
+        if payer.restarted:  # the work lost from our count in a crash: the client's count is the better one
+            payer.restarted = False
+            lost = receipt.block_tokens - payer.served
+            if lost > 0:
+                payer.served += lost
+                self._unsaved[sender] += lost
         while payer.unpaid and payer.unpaid[0] <= receipt.block_tokens:
             payer.unpaid.popleft()
         if receipt.delegation is not None:
             self._speaks_for[sender] = (identity_of(receipt), receipt.delegation.expires)
-        self.ledger.put(EARNED, receipt)
         self._flush_served()
 
     def served(self, peer: str, block_tokens: int, receipted: bool = True) -> None:
         """`block_tokens` of work done for `peer`: an inference step (receipted: clients sign for those), or a
         stateless forward or backward (counted in what this server served, not expected in receipts)."""
         if not receipted:
-            self._stateless += block_tokens
-            self._unsaved[_STATELESS + peer] += block_tokens
+            self._anonymous += block_tokens
+            self._unsaved[_STATELESS] += block_tokens
             return
         payer = self._payer(peer)
         payer.served += block_tokens
@@ -152,7 +179,10 @@ class CreditBook:
                 self.accept(receipt, peer)
             except ReceiptError as e:
                 logger.info("session of %s opened without credit: %s", peer, e)
+            except Exception:  # the ledger failed: the session opens all the same, credited by standing only
+                logger.exception("session of %s: its receipt could not be kept", peer)
         session = SessionCredit(peer)
+        self._sessions[peer] += 1
         self._take_slot(session)
         identity = self.identity(peer)
         standing = self.standing.get(identity, 0.0) if session.slot is not None else 0.0
@@ -167,57 +197,79 @@ class CreditBook:
             session.slot = identity
             self._credited[identity] += 1
 
-    def close_session(self, session: SessionCredit) -> None:
+    def _release_slot(self, session: SessionCredit) -> None:
         if session.slot is not None:
             self._credited[session.slot] = max(0, self._credited[session.slot] - 1)
             session.slot = None
+
+    def close_session(self, session: SessionCredit) -> None:
+        self._release_slot(session)
         self._flush_served()
+        self._sessions[session.peer] -= 1
+        if self._sessions[session.peer] <= 0:
+            del self._sessions[session.peer]
+            self._forget_if_unpaid(session.peer)
+
+    def _forget_if_unpaid(self, peer: str) -> None:
+        """Peer ids cost nothing: the book keeps no state for a peer with no receipt and no session open here,
+        only its work in the total served (its next session starts from nothing)."""
+        payer = self._payers.get(peer)
+        if payer is None or payer.latest is not None:
+            return
+        self.ledger.forget_served(self.swarm, peer, _FORGOTTEN)
+        self._anonymous += payer.served
+        del self._payers[peer]
 
     def priority(self, session: SessionCredit) -> float:
         """The session's place in line under contention: its identity's standing, 0 for a free rider."""
+        if session.slot is not None and session.slot != self.identity(session.peer):
+            self._release_slot(session)  # a delegation came, or expired: the session now speaks for another
         if session.slot is None:
             self._take_slot(session)  # standing may have come since the session opened
-        if (session.slot is None or session.slot != self.identity(session.peer)
-                or len(self._payer(session.peer).unpaid) > RECEIPT_SLACK_STEPS):
+        if session.slot is None or len(self._payer(session.peer).unpaid) > RECEIPT_SLACK_STEPS:
             return 0.0
         return self.standing.get(session.slot, 0.0)
 
     # ---- the swarm's receipts (DHT) -----------------------------------------------------------------------
 
     def refresh(self, published: dict[str, object]) -> None:
-        """Recompute standing from our own receipts and other servers' published records {publisher: value}."""
+        """Recompute standing from our own receipts and other servers' published records {publisher: value}.
+        Receipts are cumulative: only the latest (highest sequence) of each (payer, payee) counts, however many
+        times it or older ones of the same payer were published."""
         now = self.clock()
-        edges = [Edge(identity_of(r), self.peer_id, r.block_tokens, r.time)
-                 for r in self.ledger.receipts(EARNED, self.swarm)]
+        latest: dict[tuple[str, str], WorkReceipt] = {}
+        found = list(self.ledger.receipts(EARNED, self.swarm))
         for publisher, value in published.items():
-            if publisher == self.peer_id or not isinstance(value, dict):
-                continue
-            receipts = value.get("receipts")
-            for encoded in receipts[:PUBLISHED_RECEIPTS] if isinstance(receipts, list) else ():
-                edge = self._published_edge(publisher, encoded, now)
-                if edge is not None:
-                    edges.append(edge)
+            record = read_record(value) if publisher != self.peer_id else None
+            for encoded in record.receipts if record is not None else ():
+                receipt = self._published_receipt(publisher, encoded, now)
+                if receipt is not None:
+                    found.append(receipt)
+        for receipt in found:
+            pair = (receipt.payer, receipt.payee)
+            if pair not in latest or receipt.sequence > latest[pair].sequence:
+                latest[pair] = receipt
+        edges = [Edge(identity_of(r), r.payee, r.block_tokens, r.time) for r in latest.values()]
+        if len(edges) > STANDING_EDGES:
+            edges = heapq.nlargest(STANDING_EDGES, edges, key=lambda e: decayed(e, now, self.half_life))
         self.standing = compute_standing(self.roots, edges, now, self.half_life, self.damping)
 
-    def _published_edge(self, publisher: str, encoded, now: float) -> Edge | None:
-        if not isinstance(encoded, bytes):
-            return None
+    def _published_receipt(self, publisher: str, encoded: bytes, now: float) -> WorkReceipt | None:
+        """The receipt in `encoded` if it is a valid one for work done by `publisher` (checked once, then cached)."""
         try:
             receipt = decode(encoded)
-            if not isinstance(receipt, WorkReceipt):
-                return None
-            known = self._verified.get(receipt.signature)
-            if known is not None:
-                return known
+            if not isinstance(receipt, WorkReceipt) or receipt.payee != publisher:
+                return None  # a server publishes only receipts for its own work
+            if self._verified.get(receipt.signature) == receipt:
+                return receipt
             check_receipt(receipt, self.swarm, publisher, now)
         except Exception as e:  # a bad record costs its publisher its credit, nothing else
             logger.debug("ignoring a receipt published by %s: %s", publisher, e)
             return None
-        edge = Edge(identity_of(receipt), publisher, receipt.block_tokens, receipt.time)
         if len(self._verified) > 100_000:  # bounded memory: start over (re-verifying costs ~0.1 ms a receipt)
             self._verified.clear()
-        self._verified[receipt.signature] = edge
-        return edge
+        self._verified[receipt.signature] = receipt
+        return receipt
 
     def close(self) -> None:
         self._flush_served()
@@ -229,6 +281,6 @@ class CreditBook:
         receipts = sorted(self.ledger.receipts(EARNED, self.swarm), key=lambda r: -r.block_tokens)
         standing = sorted(((who, value) for who, value in self.standing.items() if who != self.peer_id),
                           key=lambda item: -item[1])[:PUBLISHED_STANDING]
-        return {"receipts": [encode(r) for r in receipts[:PUBLISHED_RECEIPTS] if r.block_tokens > 0],
-                "standing": {who: (-1.0 if math.isinf(value) else value) for who, value in standing},
-                "served_block_tokens": self.served_block_tokens, "started": self.started}
+        return CreditsRecord(receipts=[encode(r) for r in receipts[:PUBLISHED_RECEIPTS] if r.block_tokens > 0],
+                             standing={who: (-1.0 if math.isinf(value) else value) for who, value in standing},
+                             served_block_tokens=self.served_block_tokens, started=self.started).model_dump()

@@ -74,13 +74,21 @@ async def _standing(network, swarm: str, identity: str | None) -> list[str]:
         found = (await node.get([credits_key(swarm)])).get(credits_key(swarm), {})
     finally:
         await asyncio.wait_for(node.shutdown(), 10)
+    return _standing_lines({server: record for server, (record, _) in found.items()}, swarm, identity)
+
+
+def _standing_lines(records: dict[str, object], swarm: str, identity: str | None) -> list[str]:
+    """One line per server's valid credits record {server: value}: its served work and `identity`'s standing."""
+    from corolla.credits.book import read_record
+
     lines = [f"servers of {swarm}: served block-tokens, and the standing of {identity or '(no identity given)'}"]
-    for server, (record, _) in sorted(found.items()):
-        if not isinstance(record, dict):
+    for server, value in sorted(records.items()):
+        record = read_record(value)
+        if record is None:
             continue
-        standing = (record.get("standing") or {}).get(identity) if identity else None
+        standing = record.standing.get(identity) if identity else None
         shown = "trusted" if standing == -1.0 else f"{standing:,.0f}" if standing else "none (a free rider there)"
-        lines.append(f"  {server}  served {record.get('served_block_tokens', 0):>14,}  standing {shown}")
+        lines.append(f"  {server}  served {record.served_block_tokens:>14,}  standing {shown}")
     if len(lines) == 1:
         lines.append("  (no server publishes credits for this model)")
     return lines

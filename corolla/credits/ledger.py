@@ -1,5 +1,6 @@
 """A peer's persistent credits ledger (SQLite): receipts it earned (as a server), receipts it signed (as a
-client), and the work it served to each client peer. One file per peer identity; it survives restarts.
+client), and the work it served to each client peer (peers the book forgot, and stateless work, in one row
+each). One file per peer identity; it survives restarts.
 
 Only the latest receipt per (direction, swarm, payer, payee) is kept: receipts are cumulative."""
 
@@ -56,6 +57,17 @@ class Ledger:
             self._db.executemany("INSERT INTO served VALUES (?, ?, ?) ON CONFLICT (swarm, peer) DO UPDATE SET "
                                  "block_tokens = block_tokens + excluded.block_tokens",
                                  [(swarm, peer, n) for peer, n in counts.items() if n])
+
+    def forget_served(self, swarm: str, peer: str, into: str) -> None:
+        """Move `peer`'s served count into the row `into` (work kept in the total, not per peer)."""
+        with self._lock, self._db:
+            row = self._db.execute("SELECT block_tokens FROM served WHERE swarm = ? AND peer = ?",
+                                   (swarm, peer)).fetchone()
+            if row is None:
+                return
+            self._db.execute("DELETE FROM served WHERE swarm = ? AND peer = ?", (swarm, peer))
+            self._db.execute("INSERT INTO served VALUES (?, ?, ?) ON CONFLICT (swarm, peer) DO UPDATE SET "
+                             "block_tokens = block_tokens + excluded.block_tokens", (swarm, into, row[0]))
 
     def served(self, swarm: str) -> dict[str, int]:
         with self._lock:

@@ -41,7 +41,8 @@ def decayed(edge: Edge, now: float, half_life: float) -> float:
 
 def compute_standing(roots: Iterable[str], edges: Iterable[Edge], now: float, half_life: float = HALF_LIFE_S,
                      damping: float = DAMPING) -> dict[str, float]:
-    """Every identity with standing > 0 (roots: ROOT). Self-receipts (payer == payee) are ignored."""
+    """Every identity with standing > 0 (roots: ROOT). Self-receipts (payer == payee) are ignored. `edges` are
+    summed: give one per (signing key, payee), its latest cumulative receipt (CreditBook.refresh does)."""
     roots = set(roots)
     by_payer: dict[str, list[Edge]] = defaultdict(list)
     for edge in edges:

@@ -69,6 +69,9 @@ class HiddenEdit(BaseModel):
                                            "replace: [batch, len(positions), hidden_size], written there")
 
 
+_INT64_MAX = 2**63 - 1  # counters of credits are kept in SQLite INTEGER columns (signed 64-bit)
+
+
 class Delegation(BaseModel):
     """A server's permission for a client key to speak for it in credits (corolla/credits/receipts.py): receipts
     that client signs count as paid by the server's identity, and its sessions get the server's standing."""
@@ -79,7 +82,7 @@ class Delegation(BaseModel):
                                                            "SubjectPublicKeyInfo; its peer id is the identity")
     delegate: str = Field(max_length=100, description="peer id of the client allowed to speak for the server")
     swarm: str = Field(max_length=200, description="model id (DHT) the delegation is good for")
-    expires: float = Field(description="unix time after which the delegation is void")
+    expires: float = Field(allow_inf_nan=False, description="unix time after which the delegation is void")
     signature: bytes = Field(max_length=1024, description="RSA-PSS SHA-256 by issuer_key over the fields above")
 
 
@@ -92,10 +95,11 @@ class WorkReceipt(Message):
     payer: str = Field(max_length=100, description="peer id of the signing client (the hash of payer_key)")
     payer_key: bytes = Field(max_length=1024, description="the client's RSA public key, DER SubjectPublicKeyInfo")
     payee: str = Field(max_length=100, description="peer id of the server that did the work")
-    block_tokens: int = Field(ge=0, description="tokens through blocks accepted from the payee so far, summed "
+    block_tokens: int = Field(ge=0, le=_INT64_MAX, description="tokens through blocks accepted from the payee so far, summed "
                                                 "over sessions (one token through one block = 1; backward = 2)")
-    sequence: int = Field(ge=1, description="increases with every receipt the payer signs for this payee")
-    time: float = Field(description="unix time of signing")
+    sequence: int = Field(ge=1, le=_INT64_MAX, description="increases with every receipt the payer signs for this "
+                                                           "payee")
+    time: float = Field(allow_inf_nan=False, description="unix time of signing")
     delegation: Delegation | None = Field(default=None, description="present when the payer speaks for a server")
     signature: bytes = Field(max_length=1024, description="RSA-PSS SHA-256 by payer_key over every field above")
 

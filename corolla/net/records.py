@@ -47,6 +47,25 @@ class ServerRecord(BaseModel):
                                                      "measured by this server (clients route pushes with them)")
 
 
+class CreditsRecord(BaseModel):
+    """Published by a server with credits on, under credits_key(model_id) (credits/book.py), subkey = its peer id,
+    signed with its identity key: its largest receipts and its view of standing (docs/incentives.md). Readers
+    validate each publisher's record and skip one that does not fit."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")  # newer peers may add fields
+
+    receipts: list[Annotated[bytes, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=32, description="wire-encoded WorkReceipts for work this server did, its "
+                                                         "largest (a receipt with a delegation is ~1.3 KB)")
+    standing: dict[Annotated[str, Field(max_length=100)], Annotated[float, Field(ge=-1.0, allow_inf_nan=False)]] = \
+        Field(default_factory=dict, max_length=64, description="identity -> standing in this server's view, in "
+                                                               "decayed block-tokens; -1.0: trusted outright")
+    served_block_tokens: int = Field(default=0, ge=0, description="work this server did for clients, ever: tokens "
+                                                                  "through blocks (a backward pass counts twice)")
+    started: float = Field(default=0.0, allow_inf_nan=False, description="unix time the server's credits book "
+                                                                          "opened (a restart shows as a later one)")
+
+
 def block_key(model_id: str, block: int) -> str:
     return f"{model_id}.{block}"
 

@@ -48,6 +48,14 @@ class Allocation:
         return len(self.pages[0])
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A grower waiting for pages: its credits priority and the pages it still needs."""
+
+    priority: float
+    pages: int
+
+
 class CacheManager:
     def __init__(self, total_tokens: int, page_tokens: int = 64):
         if total_tokens < page_tokens or page_tokens < 1:
@@ -57,7 +65,7 @@ class CacheManager:
         # Lowest first: a few sessions keep their pages near each other (and near the padding page).
         self._free = list(range(self.total_pages, PADDING_PAGE, -1))
         self._freed = asyncio.Condition()
-        self._waiting: list[float] = []  # priorities of the growers waiting for pages (credits: highest first)
+        self._waiting: list[_Waiter] = []  # growers waiting for pages (credits: highest priority first)
 
     @property
     def free_pages(self) -> int:
@@ -83,6 +91,10 @@ class CacheManager:
         """The most tokens each of `rows` sequences could ever hold here (the whole budget shared by them)."""
         return (self.total_pages // max(rows, 1)) * self.page_tokens
 
+    def pages_needed(self, allocation: Allocation, tokens: int) -> int:
+        """New pages `allocation` must take so that every row covers `tokens` tokens (0: it already does)."""
+        return max(0, self.pages_for(tokens) - allocation.row_pages) * allocation.rows
+
     def try_grow(self, allocation: Allocation, tokens: int) -> Grow:
         """Make every row of `allocation` cover `tokens` tokens if the pages are free now."""
         per_row = self.pages_for(tokens) - allocation.row_pages
@@ -99,19 +111,27 @@ class CacheManager:
 
     async def grow(self, allocation: Allocation, tokens: int, timeout: float, priority: float = 0.0) -> None:
         """Like try_grow, waiting up to `timeout` seconds for pages; raises CacheFullError with the numbers.
-        Freed pages go to waiters of higher `priority` first (credits); among equals, whoever wakes first."""
+        A step that needs no new page never waits (nothing running is pre-empted by credits). Freed pages go to
+        waiters of higher `priority` first (credits), except that a lower one may take pages the higher ones
+        cannot use yet (their need is more than is free): no head-of-line blocking. Among equals, whoever wakes
+        first."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        me = _Waiter(priority, self.pages_needed(allocation, tokens))
+        if me.pages == 0:
+            return
         async with self._freed:
             waiting = False
             try:
                 while True:
-                    ahead = any(other > priority for other in self._waiting)
+                    me.pages = self.pages_needed(allocation, tokens)
+                    ahead = any(other.priority > priority and other.pages <= self.free_pages
+                                for other in self._waiting if other is not me)
                     result = Grow.FULL if ahead else self.try_grow(allocation, tokens)
                     if result != Grow.FULL:
                         break
                     if not waiting:
-                        self._waiting.append(priority)
+                        self._waiting.append(me)
                         waiting = True
                     remaining = deadline - loop.time()
                     if remaining <= 0:
@@ -122,7 +142,7 @@ class CacheManager:
                         pass
             finally:
                 if waiting:  # those behind us in line may go now
-                    self._waiting.remove(priority)
+                    self._waiting.remove(me)
                     self._freed.notify_all()
         total = tokens * allocation.rows
         if result == Grow.NEVER:

@@ -4,7 +4,7 @@ Handlers translate messages into requests and await the answers; they never touc
 The engine's compute thread repeats three calls on plain data:
 - `plan()` picks the next batch: all waiting steps that can share a forward with the first one (same blocks,
   same number of new tokens, same adapter, no padding mask or deep prompts), else one request; under contention,
-  in credits order (`_in_line`: credited sessions first, one plan in FREE_RIDER_TURN for the oldest free rider);
+  in credits order (`_in_line`: credited sessions first, one plan in FREE_RIDER_TURN for the oldest step);
 - `execute(plan)` runs it: from a CUDA graph captured for the batch's size bucket where it can (graphs.py), else
   the ordinary way over the paged KV memory (kv.py);
 - `apply(plan, outputs)` sets each session's length and resolves its request.
@@ -46,8 +46,8 @@ _INLINE_MAX_S = 0.05  # a lone session's decode steps run on the loop's thread o
 # about the same at 1 or 32 rows).
 _BATCH_WAIT_S = 0.002
 # Under contention, credited steps go first, except that one plan in FREE_RIDER_TURN starts with the oldest waiting
-# free rider (about 20% of the plans: nobody starves, and each free rider waits at most FREE_RIDER_TURN x its place
-# in line plans).
+# step of any kind (about 20% of the plans: nobody starves, a free rider nor a credited step of low standing that
+# cannot share a forward with those above it; each waits at most FREE_RIDER_TURN x its place in line plans).
 FREE_RIDER_TURN = 5
 
 
@@ -156,7 +156,7 @@ class Engine:
         self.sessions: set[EngineSession] = set()
         self._numbers = itertools.count(1)
         self._inference: deque[_Pending] = deque()
-        self._credited_plans = 0  # plans in a row that started with a credited step while a free rider waited
+        self._turn = 0  # plans in a row put in credits order (every FREE_RIDER_TURN-th starts with the oldest)
         self._forward: deque[_Pending] = deque()
         self._wake = threading.Condition()
         self._computing = False  # a plan is being executed (guarded by _wake)
@@ -346,18 +346,20 @@ class Engine:
 
     def _in_line(self) -> list[_Pending]:
         """Waiting steps in the order they get places: credited ones first (highest standing, then oldest), then
-        free riders (oldest first); every FREE_RIDER_TURN-th plan the oldest free rider goes first."""
-        queue = list(self._inference)
+        free riders (oldest first); every FREE_RIDER_TURN-th plan the oldest waiting step of any kind goes first
+        (a free rider, or a credited step of low standing that cannot share a forward with those above it)."""
+        queue = list(self._inference)  # oldest first
         credited = sorted((p for p in queue if p.request.session.priority > 0),
                           key=lambda p: -p.request.session.priority)  # stable: oldest first among equals
         free = [p for p in queue if p.request.session.priority <= 0]
-        if not credited or not free:
-            self._credited_plans = 0
-            return credited or free
-        if self._credited_plans >= FREE_RIDER_TURN - 1:
-            self._credited_plans = 0
-            return free[:1] + credited + free[1:]
-        self._credited_plans += 1
+        if not credited:
+            self._turn = 0
+            return free
+        if self._turn >= FREE_RIDER_TURN - 1:
+            self._turn = 0
+            oldest = queue[0]
+            return [oldest] + [p for p in credited + free if p is not oldest]
+        self._turn += 1
         return credited + free
 
     def execute(self, plan: Plan) -> list:

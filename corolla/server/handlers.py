@@ -196,9 +196,16 @@ class Handlers:
         lora = parse_extras(self.adapters, request.adapter, request.lora, self.backend, request.start_block,
                             request.end_block)
         state = self.engine.open(request.start_block, request.end_block, request.batch_size, request.max_length, lora)
-        session = Session(state=state, cache_wait=request.cache_wait, peer_id=peer_id)
+        try:
+            session = Session(state=state, cache_wait=request.cache_wait, peer_id=peer_id)
+        except BaseException:
+            self.engine.close_now(state)  # a fresh session holds no pages: nobody waits for them
+            raise
         if self.credits is not None:
-            session.credit = self.credits.open_session(peer_id, request.receipt)
+            try:
+                session.credit = self.credits.open_session(peer_id, request.receipt)
+            except Exception:  # credits never cost a client its session: it runs as a free rider
+                logger.exception("credits failed for a session of %s; it runs without credit", peer_id)
         self.sessions[session.session_id] = session
         return session
 
@@ -211,7 +218,10 @@ class Handlers:
         if self.sessions.pop(session.session_id, None) is not None:
             await self.engine.close(session.state)
             if session.credit is not None:
-                self.credits.close_session(session.credit)
+                try:
+                    self.credits.close_session(session.credit)
+                except Exception:
+                    logger.exception("credits failed closing session %s", session.name)
 
     async def inference(self, stream: MessageStream) -> None:
         try:
@@ -399,6 +409,8 @@ class Handlers:
             self.credits.accept(receipt, peer_id)
         except ReceiptError as e:
             logger.info("rejected a receipt from %s: %s", peer_id, e)
+        except Exception:  # e.g. the ledger's disk: the session goes on, as if the receipt were lost
+            logger.exception("credits failed on a receipt from %s", peer_id)
 
     def _count_work(self, peer_id: str, hidden, blocks: int, receipted: bool = True) -> None:
         """Block-tokens served to `peer_id`: sequences x new tokens x blocks (`hidden`: a tensor or WireTensor)."""

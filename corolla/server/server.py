@@ -315,9 +315,11 @@ class Server:
         finally:
             if self.serving is not None:
                 self.serving.engine.shutdown()
-            if self.credits is not None:
-                self.credits.close()
-            await asyncio.wait_for(node.shutdown(), 10)
+            try:
+                await asyncio.wait_for(node.shutdown(), 10)
+            finally:  # after the node: a handler still running may keep a receipt until then
+                if self.credits is not None:
+                    self.credits.close()
 
 
 def _jittered(period: float) -> float:
