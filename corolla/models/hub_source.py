@@ -70,7 +70,7 @@ class ModelSource:
             return self.repo_id.split("/")[1]
         path = self.directory.resolve()
         if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-            return path.parent.parent.name.split("--")[-1]
+            return path.parent.parent.name.split("--", 2)[2]  # models--OWNER--NAME: all of NAME
         return path.name
 
     @property
