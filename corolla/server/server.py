@@ -18,9 +18,8 @@ import corolla
 from corolla.credits.book import CreditBook, credits_key
 from corolla.credits.ledger import Ledger
 from corolla.errors import CorollaError
-from corolla.models.checkpoint import (DTYPES, config_dtype, load_blocks, load_config, make_span_helpers, meta_model,
-                                       model_id)
-from corolla.models.hub_source import open_model
+from corolla.models.checkpoint import DTYPES, config_dtype, load_blocks, make_span_helpers, meta_model
+from corolla.models.hub_source import open_model, swarm_identity
 from corolla.models.embedded import cache_dir
 from corolla.models.layout import LAYOUTS, choose_layouts
 from corolla.models.spec import family_for
@@ -72,13 +71,13 @@ class Server:
         # A directory, or a Hub repo id of which only config.json and the weight index are fetched now, and the
         # shards of the blocks when they are chosen (_load).
         self.source = open_model(config.model, revision=config.revision, cache_dir=config.hub_dir)
-        self.model_config = load_config(self.source.directory)
+        name = config.model_name
+        if config.synthetic_weights_seed is not None:
+            name = synthetic_name(name or self.source.name, config.synthetic_weights_seed)
+        identity = swarm_identity(self.source, name)
+        self.model_config, self.model_id = identity.config, identity.model_id
         self.spec = family_for(self.model_config)
         self.num_blocks = self.model_config.num_hidden_layers
-        name = config.model_name or self.source.name
-        if config.synthetic_weights_seed is not None:
-            name = synthetic_name(name, config.synthetic_weights_seed)
-        self.model_id = model_id(self.model_config, name)
         if config.dtype is not None and config.dtype not in DTYPES:
             raise CorollaError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
         if config.quant not in QUANT_TYPES:
