@@ -7,6 +7,7 @@ import asyncio
 import logging
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,18 +253,24 @@ class Server:
         """Fetch the target span's files (a repo id's shards: minutes for a large model; nothing for a directory)
         while the current span still serves and is announced. False, with a warning, when they cannot be had
         (offline without them, the Hub unreachable) or the server is stopping: better stay where we are."""
-        fetch = asyncio.ensure_future(asyncio.to_thread(self.source.fetch_blocks, self.model_config, *target))
-        while not fetch.done() and not self.stop.is_set():
-            done, _ = await asyncio.wait({fetch}, timeout=self.config.announce_period)
-            if not done:
-                await self._announce(node, ServerState.ONLINE)
+        fetch = _in_daemon_thread(self.source.fetch_blocks, self.model_config, *target)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            while not fetch.done() and not stopping.done():
+                done, _ = await asyncio.wait({fetch, stopping}, timeout=self.config.announce_period,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    await self._announce(node, ServerState.ONLINE)
+        finally:
+            stopping.cancel()
         if not fetch.done():
+            fetch.cancel()  # the thread finishes on its own; its outcome is dropped
             return False
         try:
             fetch.result()
             return True
-        except (CorollaError, OSError) as e:
-            logger.warning("staying on blocks %d:%d: cannot fetch blocks %d:%d: %s", self.start, self.end, *target, e)
+        except Exception as e:  # huggingface_hub re-raises httpx's errors, which are not OSErrors: staying is safe
+            logger.warning("staying on blocks %d:%d: cannot fetch blocks %d:%d: %r", self.start, self.end, *target, e)
             return False
 
     async def _maybe_move(self, node: Node) -> None:
@@ -317,6 +324,35 @@ class Server:
             if self.credits is not None:
                 self.credits.close()
             await asyncio.wait_for(node.shutdown(), 10)
+
+
+def _in_daemon_thread(function, *args) -> asyncio.Future:
+    """`function(*args)` in a daemon thread, as a future of this loop. Not asyncio.to_thread: asyncio.run joins
+    the default executor's threads without a timeout at exit, so a download stuck on the network would hold up a
+    server told to stop; a daemon thread is left behind instead."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits for it any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            outcome = (function(*args), None)
+        except BaseException as e:
+            outcome = (None, e)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop has closed: the server stopped while this ran
+            pass
+
+    threading.Thread(target=work, name=f"corolla-{getattr(function, '__name__', 'work')}", daemon=True).start()
+    return future
 
 
 def _jittered(period: float) -> float:
