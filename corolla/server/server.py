@@ -164,6 +164,7 @@ class Server:
         max_length = self.config.max_session_length or getattr(self.model_config, "max_position_embeddings", None) or 8192
         limits = Limits(max_session_length=max_length, max_batch_size=self.config.max_batch_size,
                         max_step_tokens=self.config.max_step_tokens,
+                        max_message_bytes=int(self.config.max_request_mb * 2**20),
                         max_sessions_per_peer=self.config.max_sessions_per_peer,
                         session_idle_timeout=self.config.session_idle_timeout,
                         link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file,
