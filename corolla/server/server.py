@@ -42,6 +42,8 @@ from corolla.server.throughput import Throughput, cached_measure
 
 logger = logging.getLogger(__name__)
 
+_STOP_POLL_S = 0.5  # a server waiting for a download notices a stop within this (a download takes minutes)
+
 
 def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
     try:
@@ -255,15 +257,12 @@ class Server:
         while the current span still serves and is announced. False, with a warning, when they cannot be had
         (offline without them, the Hub unreachable) or the server is stopping: better stay where we are."""
         fetch = _in_daemon_thread(self.source.fetch_blocks, self.model_config, *target)
-        stopping = asyncio.ensure_future(self.stop.wait())
-        try:
-            while not fetch.done() and not stopping.done():
-                done, _ = await asyncio.wait({fetch, stopping}, timeout=self.config.announce_period,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    await self._announce(node, ServerState.ONLINE)
-        finally:
-            stopping.cancel()
+        next_announce = time.monotonic() + self.config.announce_period
+        while not fetch.done() and not self.stop.is_set():
+            await asyncio.wait({fetch}, timeout=_STOP_POLL_S)
+            if not fetch.done() and time.monotonic() >= next_announce:
+                await self._announce(node, ServerState.ONLINE)
+                next_announce = time.monotonic() + self.config.announce_period
         if not fetch.done():
             fetch.cancel()  # the thread finishes on its own; its outcome is dropped
             return False
@@ -271,7 +270,9 @@ class Server:
             fetch.result()
             return True
         except Exception as e:  # huggingface_hub re-raises httpx's errors, which are not OSErrors: staying is safe
-            logger.warning("staying on blocks %d:%d: cannot fetch blocks %d:%d: %r", self.start, self.end, *target, e)
+            reason = e if isinstance(e, CorollaError) else repr(e)  # ours are written for people; name the others
+            logger.warning("staying on blocks %d:%d: cannot fetch blocks %d:%d: %s", self.start, self.end, *target,
+                           reason)
             return False
 
     async def _maybe_move(self, node: Node) -> None:
