@@ -49,7 +49,7 @@ def run_demo(model: str | None, prompt: str, servers: int, max_new_tokens: int, 
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
             config = ApiConfig(model=str(model_dir), port=api_port)
-            served = ServedModel.create(client, tokenizer, model_dir.resolve().name, config)
+            served = ServedModel.create(client, tokenizer, client.swarm_name, config)
             api = ApiServer(create_app(served, config.state_refresh), config.host, config.port)
             url = api.start()
             print(f"API: {url}/v1 (OpenAI-compatible, model {served.name!r}); chat page: {url}/ ; "

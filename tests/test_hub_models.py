@@ -443,3 +443,12 @@ def test_a_moving_server_stays_when_the_new_shards_cannot_be_fetched(offline_cac
     missing = sorted(_shards_of(models["main"], _block_prefixes(4, 8)) - shards)
     assert f"staying on blocks 0:4: cannot fetch blocks 4:8: repo {REPO}" in caplog.text
     assert f"missing {', '.join(missing)}" in caplog.text
+
+
+def test_a_snapshot_folder_is_named_by_all_of_its_repo_name(tmp_path):
+    """models--OWNER--NAME/snapshots/<commit>: the name is everything after OWNER, even with '--' in it (the Hub
+    refuses such names today; a folder made by hand may still have one), as the repo id form would give."""
+    snapshot = tmp_path / "models--org--my--model" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert hub_source.ModelSource(str(snapshot), snapshot).name == "my--model"
+    assert hub_source.ModelSource("org/my--model", snapshot, repo_id="org/my--model").name == "my--model"

@@ -15,12 +15,13 @@ from transformers import AutoModelForCausalLM
 
 from conftest import OUTPUT_DIR, peer_of
 from corolla import AutoDistributedModelForCausalLM
+from corolla.client import remote
 from corolla.client.edits import Replace, Steer
 from corolla.errors import BadRequestError, CorollaError, EditError
 from corolla.launch import LocalSwarm
 from corolla.models.spec import family_for
 from corolla.net.messages import ForwardRequest, HiddenEdit
-from corolla.net.wire import WireTensor
+from corolla.net.wire import FRAME_SLACK_BYTES, WireTensor
 from corolla.server.handlers import parse_edits
 from tiny_models import VOCAB, make_family
 
@@ -221,6 +222,28 @@ def test_output_hidden_states_equal_transformers(family):
     assert close(got.logits, want.logits)
     with torch.no_grad():
         assert client(ids).hidden_states is None
+
+
+def test_hidden_states_are_asked_for_as_many_blocks_as_a_reply_holds(family, monkeypatch):
+    """A client whose replies hold one block's outputs asks each server for one block at a time (instead of a reply
+    too large to read): the states are still transformers'."""
+    client, reference = family
+    ids = ids_for(seed=8)
+    want, _ = reference_states(reference, ids)
+    per_block = ids.numel() * client.config.hidden_size * 4  # float32 activations
+    monkeypatch.setattr(remote, "MAX_REPLY_BYTES", FRAME_SLACK_BYTES + per_block)
+    asked, call = [], remote.RemoteSequence._call
+
+    async def spy(self, hop, *args, **kwargs):
+        asked.append(hop.end - hop.start)
+        return await call(self, hop, *args, **kwargs)
+
+    monkeypatch.setattr(remote.RemoteSequence, "_call", spy)
+    with torch.no_grad():
+        got = client(ids, output_hidden_states=True)
+    assert asked == [1] * BLOCKS  # the servers hold 2 blocks each
+    for index, (ours, theirs) in enumerate(zip(got.hidden_states, want.hidden_states)):
+        assert close(ours, theirs), index
 
 
 def test_steering_and_replacement_equal_transformers_hooks(family):

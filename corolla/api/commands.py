@@ -96,8 +96,7 @@ def cmd_health(args: argparse.Namespace) -> None:
     from corolla.api.health import HealthTarget, read_state, watch
     from corolla.api.terminal import render_state
     from corolla.errors import CorollaError
-    from corolla.models.checkpoint import load_config, model_id
-    from corolla.models.hub_source import open_model
+    from corolla.models.hub_source import open_model, swarm_identity
 
     if args.model_id:
         if not args.num_blocks:
@@ -110,10 +109,9 @@ def cmd_health(args: argparse.Namespace) -> None:
             model_dir = ensure_embedded_model()
         else:
             model_dir = Path(args.model)
-        source = open_model(model_dir)  # a directory, or a Hub repo id: its config.json and weight index only
-        config = load_config(source.directory)
-        name = args.model_name or source.name
-        target = HealthTarget(name, model_id(config, name), config.num_hidden_layers)
+        # a directory, or a Hub repo id: its config.json and weight index only
+        identity = swarm_identity(open_model(model_dir), args.model_name)
+        target = HealthTarget(identity.name, identity.model_id, identity.config.num_hidden_layers)
     if args.watch:
         try:
             asyncio.run(watch(_network(args), target, args.rtt_timeout, args.watch))

@@ -96,4 +96,4 @@ def load_model(config: ApiConfig, network: NetworkConfig,
     model = AutoDistributedModelForCausalLM.from_pretrained(
         config.model, initial_peers=network.initial_peers, dtype=config.dtype, model_name=config.model_name,
         client_config=client, network=network)
-    return model, tokenizer, config.model_name or Path(config.model).resolve().name
+    return model, tokenizer, model.swarm_name  # --model-name, else the name the servers announce

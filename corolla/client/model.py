@@ -34,8 +34,8 @@ from corolla.client.swarm import SwarmClient
 from corolla.client.training import RemoteBlocksFunction, RemoteTraining
 from corolla.client.tuning import Tuning, TuningConfig, load_tensors, read_tuning
 from corolla.errors import CorollaError
-from corolla.models.checkpoint import DTYPES, config_dtype, load_client_parts, load_config, meta_model, model_id
-from corolla.models.hub_source import HUB_KWARGS, open_model
+from corolla.models.checkpoint import DTYPES, config_dtype, load_client_parts, meta_model
+from corolla.models.hub_source import HUB_KWARGS, open_model, swarm_identity
 from corolla.models.layout import RowDotLinear, choose_layouts, row_dot
 from corolla.models.lora import LoraSettings
 from corolla.models.spec import FamilySpec, family_for
@@ -141,6 +141,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.remote_training = RemoteTraining(self.remote)
         self._local = threading.local()  # the active inference session, per calling thread
         self.tuning: Tuning | None = None  # trainable prompts / LoRA weights (enable_tuning, load_tuning)
+        self.swarm_name: str | None = None  # the name the swarm knows the model by (from_pretrained sets it)
         self.active_adapter = None  # a LoRA adapter hosted by servers, used by every request (on the config)
         self._head_pool: ThreadPoolExecutor | None = None  # the LM head's second thread (_two_thread_linear)
         # Petals' module names (client/blocks.py); kept out of the module tree: they are the parts above again.
@@ -593,7 +594,8 @@ class AutoDistributedModelForCausalLM:
             dtype = None
         # A directory or a Hub repo id; transformers' cache_dir, when given, wins over hub_dir.
         source = open_model(model_dir, **{"cache_dir": hub_dir, **hub_options})
-        config = load_config(source.directory)
+        identity = swarm_identity(source, model_name)
+        config = identity.config
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise CorollaError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -604,13 +606,13 @@ class AutoDistributedModelForCausalLM:
         client_config = client_config or ClientConfig()
         parts = load_client_parts(source.fetch_client_parts(config), config, dtype)
         _lay_out_lm_head(parts, family_for(config), client_config.weight_layout)
-        name = model_name or source.name
         network = network or NetworkConfig(initial_peers=tuple(initial_peers))
-        swarm = SwarmClient(network, model_id(config, name), config.num_hidden_layers, client_config)
+        swarm = SwarmClient(network, identity.model_id, config.num_hidden_layers, client_config)
         try:
             model = DistributedModelForCausalLM(config, parts, swarm)
             model.eval()
             model.name_or_path = str(model_dir)
+            model.swarm_name = identity.name
             model.active_adapter = active_adapter
             if tuned is not None:
                 model.load_tuning(tuned, hub_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -19,9 +19,14 @@ from corolla.errors import CorollaError, MissingBlocksError, RemoteError
 from corolla.net.messages import (FORWARD_PROTOCOL, INFERENCE_PROTOCOL, CloseSession, ErrorReply, ForwardRequest,
                                   ForwardResult, OpenSession, PushTarget, SessionOpened, Step, StepResult)
 from corolla.net.node import MessageStream
-from corolla.net.wire import WireTensor
+from corolla.net.wire import DEFAULT_MAX_FRAME_BYTES, FRAME_SLACK_BYTES, WireTensor, wire_bytes
 
 logger = logging.getLogger(__name__)
+
+#: Largest reply this client reads (its streams' frame limit). A forward that returns every block's output asks
+#: each server for as many blocks as fit (servers have such a limit of their own, --max-request-mb, 256 MiB by
+#: default, and refuse a request whose reply would not fit theirs).
+MAX_REPLY_BYTES = DEFAULT_MAX_FRAME_BYTES
 
 # Failures worth trying another server for. A "bad_request" reply is not among them: it would fail anywhere.
 _RECOVERABLE = (ConnectionError, EOFError, asyncio.TimeoutError, OSError)
@@ -141,6 +146,8 @@ class RemoteSequence:
         position, inputs = start, []
         while position < end:
             hop = (await self.swarm.route(position, end, purpose="forward", adapter=extras.adapter))[0]
+            if layers is not None:
+                hop = _fitting_reply(hop, hidden, self.swarm.config.wire_format)
             try:
                 output = await self._call(hop, hidden, position_ids, attention_mask, extras, rows, layers)
                 inputs.append((hop, hidden))
@@ -170,6 +177,14 @@ class RemoteSequence:
             return output
         finally:
             stream.close()
+
+
+def _fitting_reply(hop: Hop, hidden: torch.Tensor, wire_format: str) -> Hop:
+    """The first blocks of `hop` whose outputs, all returned in one reply, fit MAX_REPLY_BYTES (at least one block:
+    its reply is no larger than the request)."""
+    per_block = wire_bytes(*wire_signature(hidden, wire_format))
+    blocks = max(1, (MAX_REPLY_BYTES - FRAME_SLACK_BYTES) // per_block)
+    return replace(hop, end=min(hop.end, hop.start + blocks))
 
 
 def _hop_layers(reply: ForwardResult, hop: Hop, signature: tuple, local: torch.Tensor) -> list[torch.Tensor]:

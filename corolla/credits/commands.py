@@ -11,14 +11,13 @@ from pathlib import Path
 
 def _model_id(args) -> str:
     from corolla.errors import CorollaError
-    from corolla.models.checkpoint import load_config, model_id
+    from corolla.models.hub_source import open_model, swarm_identity
 
     if args.model_id:
         return args.model_id
     if not args.model:
-        raise CorollaError("name the model: a model directory, or --model-id NAME-HASH")
-    directory = Path(args.model)
-    return model_id(load_config(directory), args.model_name or directory.resolve().name)
+        raise CorollaError("name the model: a model directory or Hub repo id OWNER/NAME, or --model-id NAME-HASH")
+    return swarm_identity(open_model(args.model), args.model_name).model_id
 
 
 def cmd_delegate(args: argparse.Namespace) -> None:
@@ -115,7 +114,7 @@ def add_commands(commands) -> None:
     actions = credits.add_subparsers(dest="credits_command", required=True)
 
     def model_args(parser) -> None:
-        parser.add_argument("model", nargs="?", default=None, help="model directory (or --model-id)")
+        parser.add_argument("model", nargs="?", default=None, help="model directory or Hub repo id OWNER/NAME (or --model-id)")
         parser.add_argument("--model-name", default=None, help="the model's name in the DHT (default: the "
                                                                "directory's name)")
         parser.add_argument("--model-id", default=None, help="the model's DHT id (name-hash)")

@@ -28,7 +28,7 @@ from transformers import PretrainedConfig
 
 from corolla.errors import NotAModelError
 from corolla.hub import HubError, default_hub_dir, validate_repo_id
-from corolla.models.checkpoint import Checkpoint, checkpoint_names
+from corolla.models.checkpoint import Checkpoint, checkpoint_names, load_config, model_id
 from corolla.models.spec import family_for
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,7 +70,7 @@ class ModelSource:
             return self.repo_id.split("/")[1]
         path = self.directory.resolve()
         if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-            return path.parent.parent.name.split("--")[-1]
+            return path.parent.parent.name.split("--", 2)[2]  # models--OWNER--NAME: all of NAME
         return path.name
 
     @property
@@ -123,6 +123,24 @@ class ModelSource:
         if missing and not optional:
             raise _not_in_cache(self.repo_id, self.revision, self.cache_dir, missing, self.local_files_only,
                                 commit=self.commit)
+
+
+@dataclass(frozen=True)
+class SwarmIdentity:
+    """How the swarm knows a model. Servers, clients, health, the API, the demo and credits all take it from
+    `swarm_identity`, so one set of files names one swarm however it was given (a directory, `owner/name`, or a
+    snapshot folder of the Hugging Face cache)."""
+
+    config: PretrainedConfig  # the model's config.json
+    name: str  # the name it announces: --model-name, else `ModelSource.name`
+    model_id: str  # name + a hash of the config: the DHT key prefix of its blocks, the swarm named in receipts
+
+
+def swarm_identity(source: ModelSource, model_name: str | None = None) -> SwarmIdentity:
+    """The config, name and model id of `source` (`model_name`, when given, replaces its default name)."""
+    config = load_config(source.directory)
+    name = model_name or source.name
+    return SwarmIdentity(config, name, model_id(config, name))
 
 
 def open_model(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,

@@ -187,7 +187,10 @@ class ForwardRequest(Message):
     edits: list[HiddenEdit] = Field(default_factory=list, max_length=64,
                                     description="hidden-state edits, applied in order after their blocks")
     return_hidden_states: bool = Field(default=False, description="also return the output of every block but the "
-                                                                  "last (ForwardResult.hidden_states)")
+                                                                  "last (ForwardResult.hidden_states); the reply, "
+                                                                  "blocks x batch x tokens x hidden_size values in "
+                                                                  "the hidden states' wire dtype and codec, must fit "
+                                                                  "the server's message limit; forward requests only")
 
 
 @message_type("forward_result")

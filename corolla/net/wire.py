@@ -99,6 +99,17 @@ class FrameTooLargeError(BadRequestError):
 INT8_BLOCK = 64  # values per block: int8 values (padded to whole blocks), then one float32 scale per block
 
 
+def wire_bytes(shape: tuple[int, ...], dtype: str, codec: str = "raw") -> int:
+    """How many data bytes a tensor of `shape` and `dtype` takes on the wire in `codec` (what WireTensor.data holds)."""
+    numel = math.prod(shape)
+    if codec == "int8":
+        return -(-numel // INT8_BLOCK) * (INT8_BLOCK + 4)
+    return numel * _ITEMSIZES[dtype]
+
+
+FRAME_SLACK_BYTES = 64 * 1024  # a frame's bytes besides its tensors' data: msgpack keys, shapes, small fields
+
+
 def _int8_encode(tensor: torch.Tensor) -> bytes:
     flat = tensor.float().reshape(-1)
     padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % INT8_BLOCK)).reshape(-1, INT8_BLOCK)

@@ -20,7 +20,7 @@ from corolla.net.messages import (PUSH_PROTOCOL, BackwardRequest, BackwardResult
                                   ForwardRequest, ForwardResult, OpenSession, PushedStep, SessionOpened, Step,
                                   StepResult, WorkReceipt)
 from corolla.net.node import MessageStream, Node
-from corolla.net.wire import FrameTooLargeError, WireTensor
+from corolla.net.wire import DEFAULT_MAX_FRAME_BYTES, FRAME_SLACK_BYTES, FrameTooLargeError, WireTensor, wire_bytes
 from corolla.models.edits import BlockEdit
 from corolla.server.backend import BlockBackend, SpanOutput
 from corolla.server.engine import Engine, SpanRequest
@@ -39,6 +39,7 @@ class Limits:
     session_idle_timeout: float
     max_sessions_per_peer: int = 32
     open_timeout: float = 30.0
+    max_message_bytes: int = DEFAULT_MAX_FRAME_BYTES  # largest message read (--max-request-mb); replies keep to it too
     link_delay: float = 0.0  # seconds; testing only: one-way latency added to every message received and reply sent
     fail_file: str | None = None  # testing only: while this file exists, steps fail
     perturb: float = 0.0  # testing only: std of noise added to every output (a lying server)
@@ -121,11 +122,28 @@ def parse_forward(request: ForwardRequest, backend: BlockBackend, limits: Limits
         positions = torch.arange(tokens).unsqueeze(0).expand(batch, -1)
     mask = _int_tensor(request.attention_mask, "attention_mask", (batch, tokens))
     blocks = request.end_block - request.start_block
+    if request.return_hidden_states:
+        _check_reply_size(request.hidden, blocks, limits)
     prompts = parse_prompts(request.prompts, blocks, batch, backend.config.hidden_size)
     lora = parse_extras(adapters or HostedAdapters(), request.adapter, request.lora, backend, request.start_block, request.end_block)
     return SpanInputs(hidden=hidden, position_ids=positions, attention_mask=mask, cache=None, lora=lora,
                       prompts=prompts, edits=parse_edits(request, batch, tokens, backend.config.hidden_size),
                       record_layers=request.return_hidden_states)
+
+
+def _check_reply_size(hidden: WireTensor, blocks: int, limits: Limits) -> None:
+    """A reply with every block's output (return_hidden_states) must fit the message limit: besides not being
+    sendable, its blocks' outputs are all held at once on the device and the host (80 blocks of 65536 tokens of
+    hidden size 8192 in bfloat16: 80 GiB)."""
+    per_block = wire_bytes(hidden.shape, hidden.dtype, hidden.codec)
+    room = limits.max_message_bytes - FRAME_SLACK_BYTES
+    if blocks * per_block > room:
+        batch, tokens, width = hidden.shape
+        raise BadRequestError(
+            f"return_hidden_states: the outputs of {blocks} blocks for {batch}x{tokens} tokens of hidden size {width} "
+            f"({hidden.dtype}, codec {hidden.codec}) make a reply of {blocks * per_block / 2**20:.1f} MiB, over this "
+            f"server's message limit of {limits.max_message_bytes / 2**20:.1f} MiB; ask for at most "
+            f"{max(room // per_block, 1)} blocks per request, or fewer tokens")
 
 
 def parse_edits(request: ForwardRequest, batch: int, tokens: int, width: int) -> tuple[BlockEdit, ...]:
@@ -158,6 +176,9 @@ def parse_edits(request: ForwardRequest, batch: int, tokens: int, width: int) ->
 
 def parse_backward(request: BackwardRequest, backend: BlockBackend, limits: Limits,
                    adapters: HostedAdapters) -> tuple[SpanInputs, torch.Tensor]:
+    if request.return_hidden_states:
+        raise BadRequestError("return_hidden_states: a backward request returns gradients only; ask for hidden "
+                              "states with a forward request")
     inputs = parse_forward(request, backend, limits, adapters)
     grad = request.grad_output
     if not grad.is_float or tuple(grad.shape) != tuple(inputs.hidden.shape):

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,8 @@ import corolla
 from corolla.credits.book import CreditBook, credits_key
 from corolla.credits.ledger import Ledger
 from corolla.errors import CorollaError
-from corolla.models.checkpoint import (DTYPES, config_dtype, load_blocks, load_config, make_span_helpers, meta_model,
-                                       model_id)
-from corolla.models.hub_source import open_model
+from corolla.models.checkpoint import DTYPES, config_dtype, load_blocks, make_span_helpers, meta_model
+from corolla.models.hub_source import open_model, swarm_identity
 from corolla.models.embedded import cache_dir
 from corolla.models.layout import LAYOUTS, choose_layouts
 from corolla.models.spec import family_for
@@ -41,6 +41,8 @@ from corolla.server.engine import Engine
 from corolla.server.throughput import Throughput, cached_measure
 
 logger = logging.getLogger(__name__)
+
+_STOP_POLL_S = 0.5  # a server waiting for a download notices a stop within this (a download takes minutes)
 
 
 def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
@@ -72,13 +74,13 @@ class Server:
         # A directory, or a Hub repo id of which only config.json and the weight index are fetched now, and the
         # shards of the blocks when they are chosen (_load).
         self.source = open_model(config.model, revision=config.revision, cache_dir=config.hub_dir)
-        self.model_config = load_config(self.source.directory)
+        name = config.model_name
+        if config.synthetic_weights_seed is not None:
+            name = synthetic_name(name or self.source.name, config.synthetic_weights_seed)
+        identity = swarm_identity(self.source, name)
+        self.model_config, self.model_id = identity.config, identity.model_id
         self.spec = family_for(self.model_config)
         self.num_blocks = self.model_config.num_hidden_layers
-        name = config.model_name or self.source.name
-        if config.synthetic_weights_seed is not None:
-            name = synthetic_name(name, config.synthetic_weights_seed)
-        self.model_id = model_id(self.model_config, name)
         if config.dtype is not None and config.dtype not in DTYPES:
             raise CorollaError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
         if config.quant not in QUANT_TYPES:
@@ -164,6 +166,7 @@ class Server:
         max_length = self.config.max_session_length or getattr(self.model_config, "max_position_embeddings", None) or 8192
         limits = Limits(max_session_length=max_length, max_batch_size=self.config.max_batch_size,
                         max_step_tokens=self.config.max_step_tokens,
+                        max_message_bytes=int(self.config.max_request_mb * 2**20),
                         max_sessions_per_peer=self.config.max_sessions_per_peer,
                         session_idle_timeout=self.config.session_idle_timeout,
                         link_delay=self.config.debug_delay_ms / 1000, fail_file=self.config.debug_fail_file,
@@ -253,18 +256,23 @@ class Server:
         """Fetch the target span's files (a repo id's shards: minutes for a large model; nothing for a directory)
         while the current span still serves and is announced. False, with a warning, when they cannot be had
         (offline without them, the Hub unreachable) or the server is stopping: better stay where we are."""
-        fetch = asyncio.ensure_future(asyncio.to_thread(self.source.fetch_blocks, self.model_config, *target))
+        fetch = _in_daemon_thread(self.source.fetch_blocks, self.model_config, *target)
+        next_announce = time.monotonic() + self.config.announce_period
         while not fetch.done() and not self.stop.is_set():
-            done, _ = await asyncio.wait({fetch}, timeout=self.config.announce_period)
-            if not done:
+            await asyncio.wait({fetch}, timeout=_STOP_POLL_S)
+            if not fetch.done() and time.monotonic() >= next_announce:
                 await self._announce(node, ServerState.ONLINE)
+                next_announce = time.monotonic() + self.config.announce_period
         if not fetch.done():
+            fetch.cancel()  # the thread finishes on its own; its outcome is dropped
             return False
         try:
             fetch.result()
             return True
-        except (CorollaError, OSError) as e:
-            logger.warning("staying on blocks %d:%d: cannot fetch blocks %d:%d: %s", self.start, self.end, *target, e)
+        except Exception as e:  # huggingface_hub re-raises httpx's errors, which are not OSErrors: staying is safe
+            reason = e if isinstance(e, CorollaError) else repr(e)  # ours are written for people; name the others
+            logger.warning("staying on blocks %d:%d: cannot fetch blocks %d:%d: %s", self.start, self.end, *target,
+                           reason)
             return False
 
     async def _maybe_move(self, node: Node) -> None:
@@ -320,6 +328,35 @@ class Server:
             finally:  # after the node: a handler still running may keep a receipt until then
                 if self.credits is not None:
                     self.credits.close()
+
+
+def _in_daemon_thread(function, *args) -> asyncio.Future:
+    """`function(*args)` in a daemon thread, as a future of this loop. Not asyncio.to_thread: asyncio.run joins
+    the default executor's threads without a timeout at exit, so a download stuck on the network would hold up a
+    server told to stop; a daemon thread is left behind instead."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits for it any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            outcome = (function(*args), None)
+        except BaseException as e:
+            outcome = (None, e)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop has closed: the server stopped while this ran
+            pass
+
+    threading.Thread(target=work, name=f"corolla-{getattr(function, '__name__', 'work')}", daemon=True).start()
+    return future
 
 
 def _jittered(period: float) -> float:
