@@ -408,7 +408,7 @@ def test_forward_work_is_counted_but_does_not_cost_priority(tmp_path, keys):
     payer = Payer(alice, SWARM)
     session = book.open_session(peer(alice), payer.receipt(server))
     for _ in range(3 * RECEIPT_SLACK_STEPS):  # training: forwards and backwards, which clients do not sign for
-        book.served(peer(alice), 100, receipted=False)
+        book.served(peer(alice), 100, in_session=False)
     book.served(peer(alice), 5)
     payer.accepted(server, 5)
     book.accept(payer.receipt(server), peer(alice))
@@ -604,7 +604,7 @@ def test_peers_without_receipts_are_forgotten_and_standing_uses_the_largest_rece
     for i in range(300):
         session = book.open_session(f"QmFree{i}", None)
         book.served(f"QmFree{i}", 10)
-        book.served(f"QmFree{i}", 5, receipted=False)
+        book.served(f"QmFree{i}", 5, in_session=False)
         book.close_session(session)
     payer = Payer(alice, SWARM)
     session = book.open_session(peer(alice), None)
@@ -643,3 +643,39 @@ def test_a_delegation_arriving_mid_session_moves_its_slot_to_the_delegating_serv
     clock[0] = NOW + 61
     assert book.priority(session) == pytest.approx(50)
     assert book._credited[home] == 0 and book._credited[peer(carol)] == 1
+
+
+def test_forward_and_backward_work_is_signed_for_with_the_next_request(tmp_path, keys, monkeypatch):
+    """Issue 20: stateless work earns credit too. A forward of 10 tokens through 3 blocks is 30 block-tokens, a
+    backward 60 (it counts twice); the client signs for them with its next request (Payer.receipt_if_owed), the
+    server accepts receipts up to what it served that payer, and keeps peers without a receipt yet only boundedly."""
+    import corolla.credits.book as book_module
+
+    server, alice = peer(keys["server"]), keys["alice"]
+    book = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    payer = Payer(alice, SWARM)
+    assert payer.receipt_if_owed(server) is None  # the first request owes nothing
+    book.served(peer(alice), 30, in_session=False)  # the forward
+    payer.accepted(server, 30)
+    book.accept(payer.receipt_if_owed(server), peer(alice))  # carried by the backward request
+    book.served(peer(alice), 60, in_session=False)  # the backward
+    payer.accepted(server, 60)
+    book.accept(payer.receipt_if_owed(server), peer(alice))  # carried by the next forward
+    assert book._payers[peer(alice)].latest.block_tokens == 90 == book.served_block_tokens
+    assert payer.receipt_if_owed(server) is None
+    with pytest.raises(ReceiptError, match="only 90 were served"):
+        payer.accepted(server, 1)  # a client claiming work that was not done for it
+        book.accept(payer.receipt(server), peer(alice))
+    session = book.open_session(peer(alice), None)  # its sessions are credited, the stateless work cost nothing
+    assert book.priority(session) == ROOT
+    book.close_session(session)
+
+    monkeypatch.setattr(book_module, "STATELESS_PEERS", 5)
+    for i in range(8):  # peers that never sign (credits off): kept per peer until 5 others came after them
+        book.served(f"QmFree{i}", 10, in_session=False)
+    assert sorted(p for p in book._payers if p.startswith("QmFree")) == [f"QmFree{i}" for i in range(3, 8)]
+    assert book.served_block_tokens == 90 + 80
+    book.close()
+    again = _book(tmp_path, "s", server, trusted=[peer(alice)])
+    assert again.served_block_tokens == 170
+    assert sorted(p for p in again._payers if p.startswith("QmFree")) == [f"QmFree{i}" for i in range(3, 8)]

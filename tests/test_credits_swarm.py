@@ -9,8 +9,9 @@ import torch
 
 from conftest import OUTPUT_DIR, peer_of
 from corolla.client.config import ClientConfig
-from corolla.client.remote import InferenceSession
+from corolla.client.remote import InferenceSession, RemoteSequence
 from corolla.client.swarm import SwarmClient
+from corolla.client.training import RemoteBlocksFunction, RemoteTraining
 from corolla.credits.book import credits_key
 from corolla.credits.payer import RECEIPT_EVERY_STEPS, save_delegation
 from corolla.credits.receipts import delegate, identity_of
@@ -120,6 +121,30 @@ def test_standing_flows_from_a_trusted_client_through_a_delegation(credits_swarm
     finally:
         contributor.close()
         free_rider.close()
+
+
+def test_forward_and_backward_work_is_receipted_with_the_next_request(credits_swarm, tiny_llama):
+    """Training earns credit: a forward and a backward through A's 5 blocks, then one more request; it carries the
+    receipt for both (backward counts twice), which A accepts against what it served this client and publishes."""
+    swarm, _, peers, _, _ = credits_swarm
+    client = _client(swarm, tiny_llama, peers["a"])
+    try:
+        batch, tokens = 2, 6
+        hidden = torch.randn(batch, tokens, 64, requires_grad=True)
+        positions = torch.arange(tokens).expand(batch, tokens)
+        training = RemoteTraining(RemoteSequence(client))
+        RemoteBlocksFunction.apply(training, positions, None, None, None, None, (), hidden, None).sum().backward()
+        assert hidden.grad is not None
+        expected = batch * tokens * 5 + batch * tokens * 5 * 2  # forward + backward (twice), block-tokens
+        assert client.payer.totals[peers["a"]] == expected
+        RemoteSequence(client).forward(torch.randn(1, 1, 64))  # its request carries the receipt for both
+        assert client.payer.totals[peers["a"]] == expected + 5  # this one is signed for with the next request
+        me = client.payer.peer_id
+        record = _record(client, peers["a"], lambda r: any(decode(x).payer == me for x in r["receipts"]))
+        paid = [decode(x) for x in record["receipts"] if decode(x).payer == me]
+        assert [r.block_tokens for r in paid] == [expected]
+    finally:
+        client.close()
 
 
 def test_a_servers_ledger_survives_its_restart(credits_swarm, tiny_llama):

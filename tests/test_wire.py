@@ -118,6 +118,15 @@ def test_work_receipt_round_trip_and_open_session_carries_one():
                             "swarm", "time"]
     opened = decode(encode(OpenSession(model_id="m", start_block=0, end_block=1, max_length=4, receipt=receipt)))
     assert opened.receipt == receipt
+    # Forward and backward requests carry the receipt for the client's earlier work there (optional, None by default).
+    from corolla.net.messages import BackwardRequest, ForwardRequest
+    hidden = WireTensor.from_torch(torch.zeros(1, 2, 8))
+    assert decode(encode(ForwardRequest(model_id="m", start_block=0, end_block=1, hidden=hidden))).receipt is None
+    for request in (ForwardRequest(model_id="m", start_block=0, end_block=1, hidden=hidden, receipt=receipt),
+                    BackwardRequest(model_id="m", start_block=0, end_block=1, hidden=hidden, grad_output=hidden,
+                                    receipt=receipt)):
+        assert msgpack.unpackb(encode(request))["body"]["receipt"]["block_tokens"] == 140
+        assert decode(encode(request)).receipt == receipt
     with pytest.raises(BadRequestError, match="work_receipt.block_tokens"):
         decode(msgpack.packb({"type": "work_receipt", "v": WIRE_VERSION, "body": {**body, "block_tokens": -1}}))
     # Counters fit the ledger's signed 64-bit columns and times are finite (issue 20: 2**64-1 crashed sqlite).

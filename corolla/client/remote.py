@@ -17,7 +17,8 @@ from corolla.client.routing import Hop
 from corolla.client.swarm import SwarmClient
 from corolla.errors import CorollaError, MissingBlocksError, RemoteError
 from corolla.net.messages import (FORWARD_PROTOCOL, INFERENCE_PROTOCOL, CloseSession, ErrorReply, ForwardRequest,
-                                  ForwardResult, OpenSession, PushTarget, SessionOpened, Step, StepResult)
+                                  ForwardResult, OpenSession, PushTarget, SessionOpened, Step, StepResult,
+                                  WorkReceipt)
 from corolla.net.node import MessageStream
 from corolla.net.wire import DEFAULT_MAX_FRAME_BYTES, FRAME_SLACK_BYTES, WireTensor, wire_bytes
 
@@ -168,15 +169,29 @@ class RemoteSequence:
                                              attention_mask=_optional(attention_mask),
                                              prompts=extras.prompts_for(hop, rows), lora=extras.lora_for(hop),
                                              adapter=extras.adapter, edits=extras.edits_for(hop, rows),
-                                             return_hidden_states=layers is not None))
+                                             return_hidden_states=layers is not None,
+                                             receipt=stateless_receipt(self.swarm, hop)))
             reply = _check_reply(await stream.recv(self.swarm.config.step_timeout), ForwardResult, hop)
             signature = wire_signature(hidden, self.swarm.config.wire_format)
             output = _check_output(reply.hidden, signature, hidden, hop)
             if layers is not None:
                 layers.extend([*_hop_layers(reply, hop, signature, hidden), output])
+            stateless_accepted(self.swarm, hop, hidden, passes=1)
             return output
         finally:
             stream.close()
+
+
+def stateless_receipt(swarm: SwarmClient, hop: Hop) -> WorkReceipt | None:
+    """The receipt a forward or backward request to `hop` carries: for the server's earlier work, if any is owed."""
+    return swarm.payer.receipt_if_owed(hop.peer_id) if swarm.payer is not None else None
+
+
+def stateless_accepted(swarm: SwarmClient, hop: Hop, hidden: torch.Tensor, passes: int) -> None:
+    """A forward (passes=1) or backward (2: the server recomputes the forward) of `hidden` through `hop` passed
+    every check: it counts toward the server's receipt."""
+    if swarm.payer is not None:
+        swarm.payer.accepted(hop.peer_id, hidden.shape[0] * hidden.shape[1] * (hop.end - hop.start) * passes)
 
 
 def _fitting_reply(hop: Hop, hidden: torch.Tensor, wire_format: str) -> Hop:

@@ -17,7 +17,8 @@ import torch
 
 from corolla.client.extras import ClientLora, Extras
 from corolla.client.remote import (_RECOVERABLE, RemoteSequence, _Attempts, _check_reply, _optional,
-                                   _RetryableRemoteError, encode_hidden, wire_signature)
+                                   _RetryableRemoteError, encode_hidden, stateless_accepted, stateless_receipt,
+                                   wire_signature)
 from corolla.client.routing import Hop
 from corolla.net.messages import BACKWARD_PROTOCOL, BackwardRequest, BackwardResult
 
@@ -102,11 +103,12 @@ class RemoteTraining:
                 hidden=encode_hidden(hidden, wire_format), grad_output=encode_hidden(grad, wire_format),
                 position_ids=_optional(positions), attention_mask=_optional(mask),
                 prompts=extras.prompts_for(hop, rows), lora=extras.lora_for(hop), adapter=extras.adapter,
-                edits=extras.edits_for(hop, rows)))
+                edits=extras.edits_for(hop, rows), receipt=stateless_receipt(self.swarm, hop)))
             reply = _check_reply(await stream.recv(self.swarm.config.step_timeout), BackwardResult, hop)
         finally:
             stream.close()
         _check_grads(reply, hidden, extras, hop, rows, wire_format)
+        stateless_accepted(self.swarm, hop, hidden, passes=2)
         return reply
 
 

@@ -15,7 +15,7 @@ import heapq
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -35,9 +35,13 @@ PUBLISHED_RECEIPTS = 32  # (CreditsRecord's bound) the largest receipts this ser
 PUBLISHED_STANDING = 64  # (CreditsRecord's bound) identities with the most standing here, published for `corolla credits`
 
 
-_STATELESS = "stateless:"  # the ledger row of forward and backward work (a peer id never starts so)
+_STATELESS = "stateless:"  # older ledgers' row of forward and backward work, before clients signed for it
 _FORGOTTEN = "forgotten:"  # the ledger row of work served to peers the book forgot (no receipt, no session open)
 STANDING_EDGES = 100_000  # the largest receipts standing is computed from (~0.1 s of work; the rest count nothing)
+# Peers known only from forward/backward work (no receipt yet, no session open) kept per peer at once: their
+# receipt comes with their next request, so the book must remember them until then; ~200 bytes each (~1 MB),
+# beyond that the longest idle is forgotten like a closed session's (free peer ids cost the book nothing more).
+STATELESS_PEERS = 4096
 
 
 def read_record(value: object) -> CreditsRecord | None:
@@ -94,7 +98,8 @@ class CreditBook:
         self._verified: dict[bytes, WorkReceipt] = {}  # signature -> checked receipt, read from the DHT
         self.standing: dict[str, float] = {}
         self._sessions: Counter = Counter()  # client peer -> its sessions open here
-        self._anonymous = 0  # block-tokens served, not kept per peer: forwards, backwards, forgotten peers' work
+        self._anonymous = 0  # block-tokens served, not kept per peer: forgotten peers' work (and older ledgers')
+        self._unpaid_stateless: OrderedDict[str, None] = OrderedDict()  # peers with work but no receipt, idlest first
         for peer, served in ledger.served(swarm).items():
             if peer.startswith((_STATELESS, _FORGOTTEN)):
                 self._anonymous += served
@@ -102,8 +107,10 @@ class CreditBook:
                 self._payer(peer).served = served
         for receipt in ledger.receipts(EARNED, swarm):
             self._payer(receipt.payer).latest = Latest(receipt.sequence, receipt.block_tokens)
-        for payer in self._payers.values():
+        for peer, payer in list(self._payers.items()):
             payer.restarted = True
+            if payer.latest is None:  # known from forward/backward work only (sessions' rows end at close)
+                self._remember_unpaid(peer)
         self.refresh({})
 
     def _payer(self, peer: str) -> _Payer:
@@ -135,6 +142,7 @@ class CreditBook:
         self.ledger.put(EARNED, receipt)  # first: if the ledger fails, memory still agrees with it
         self.stats.accepted += 1
         payer.latest = Latest(receipt.sequence, receipt.block_tokens)
+        self._unpaid_stateless.pop(sender, None)
         if payer.restarted:  # the work lost from our count in a crash: the client's count is the better one
             payer.restarted = False
             lost = receipt.block_tokens - payer.served
@@ -147,17 +155,25 @@ class CreditBook:
             self._speaks_for[sender] = (identity_of(receipt), receipt.delegation.expires)
         self._flush_served()
 
-    def served(self, peer: str, block_tokens: int, receipted: bool = True) -> None:
-        """`block_tokens` of work done for `peer`: an inference step (receipted: clients sign for those), or a
-        stateless forward or backward (counted in what this server served, not expected in receipts)."""
-        if not receipted:
-            self._anonymous += block_tokens
-            self._unsaved[_STATELESS] += block_tokens
-            return
+    def served(self, peer: str, block_tokens: int, in_session: bool = True) -> None:
+        """`block_tokens` of work done for `peer`: an inference step (in_session: its steps must be covered by
+        receipts within RECEIPT_SLACK_STEPS to keep priority), or a stateless forward or backward (the client signs
+        for it with its next request or session here; it has no steps to fall behind on)."""
         payer = self._payer(peer)
         payer.served += block_tokens
-        payer.unpaid.append(payer.served)
         self._unsaved[peer] += block_tokens
+        if in_session:
+            payer.unpaid.append(payer.served)
+        elif payer.latest is None and peer not in self._sessions:
+            self._remember_unpaid(peer)
+
+    def _remember_unpaid(self, peer: str) -> None:
+        self._unpaid_stateless[peer] = None
+        self._unpaid_stateless.move_to_end(peer)
+        while len(self._unpaid_stateless) > STATELESS_PEERS:
+            idlest, _ = self._unpaid_stateless.popitem(last=False)
+            if idlest not in self._sessions:  # one with a session open is forgotten, if unpaid, when it closes
+                self._forget_if_unpaid(idlest)
 
     def _flush_served(self) -> None:
         if self._unsaved:
@@ -216,6 +232,8 @@ class CreditBook:
         payer = self._payers.get(peer)
         if payer is None or payer.latest is not None:
             return
+        self._unpaid_stateless.pop(peer, None)
+        self._flush_served()  # the ledger's row must hold everything before it moves
         self.ledger.forget_served(self.swarm, peer, _FORGOTTEN)
         self._anonymous += payer.served
         del self._payers[peer]

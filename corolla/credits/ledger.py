@@ -1,6 +1,6 @@
 """A peer's persistent credits ledger (SQLite): receipts it earned (as a server), receipts it signed (as a
-client), and the work it served to each client peer (peers the book forgot, and stateless work, in one row
-each). One file per peer identity; it survives restarts.
+client), and the work it served to each client peer (peers the book forgot in one row; ledgers from before clients
+signed for forwards and backwards also have a row of that work). One file per peer identity; it survives restarts.
 
 Only the latest receipt per (direction, swarm, payer, payee) is kept: receipts are cumulative."""
 

@@ -2,7 +2,9 @@
 where on) and signs cumulative receipts for it, never for more than it accepted.
 
 Receipts go to each server inside OpenSession and on the session's stream every RECEIPT_EVERY_STEPS steps and
-when the session closes. With a delegation (`corolla credits delegate`), the receipts and the sessions count for
+when the session closes. Forward and backward requests (one request per stream, no room for a later message)
+carry the receipt for everything before them: a request's own work is signed for with the next request or session
+to that server (a backward counts twice: the server recomputes the forward). With a delegation (`corolla credits delegate`), the receipts and the sessions count for
 the server that signed it: a person running a server and a client gets the server's standing."""
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class Payer:
 
     def owes(self, payee: str) -> bool:
         return self._unsent[payee] > 0
+
+    def receipt_if_owed(self, payee: str) -> WorkReceipt | None:
+        """A receipt for a forward or backward request to `payee`, when it did work not yet signed for."""
+        return self.receipt(payee) if self.owes(payee) else None
 
     def receipt(self, payee: str) -> WorkReceipt:
         """A new signed receipt for everything `payee` did so far."""

@@ -89,7 +89,8 @@ class Delegation(BaseModel):
 @message_type("work_receipt")
 class WorkReceipt(Message):
     """A client's signed acknowledgement of all the work one server did for it so far (cumulative, never
-    decreasing). Sent on an inference stream between steps (no answer), or inside OpenSession."""
+    decreasing): inference steps, forwards and backwards alike. Sent on an inference stream between steps (no
+    answer), or inside OpenSession, ForwardRequest or BackwardRequest."""
 
     swarm: str = Field(max_length=200, description="model id (DHT) of the work")
     payer: str = Field(max_length=100, description="peer id of the signing client (the hash of payer_key)")
@@ -191,6 +192,11 @@ class ForwardRequest(Message):
                                                                   "blocks x batch x tokens x hidden_size values in "
                                                                   "the hidden states' wire dtype and codec, must fit "
                                                                   "the server's message limit; forward requests only")
+    receipt: WorkReceipt | None = Field(default=None, description="the client's latest receipt for this server, "
+                                                                  "covering its earlier requests and sessions here "
+                                                                  "(a request's own work is signed for with the "
+                                                                  "next request or session); None when nothing new "
+                                                                  "is owed")
 
 
 @message_type("forward_result")

@@ -388,10 +388,12 @@ class Handlers:
             if type(request) is not expected:
                 raise BadRequestError(f"expected {expected.TYPE}, got {request.TYPE}")
             self._check_model(request.model_id)
+            if request.receipt is not None:  # the client's receipt for its earlier work here
+                self._take_receipt(request.receipt, stream.peer_id)
             reply = await answer(request)
             passes = 2 if expected is BackwardRequest else 1  # a backward recomputes the forward: twice the work
             self._count_work(stream.peer_id, request.hidden, (request.end_block - request.start_block) * passes,
-                             receipted=False)
+                             in_session=False)
         except BadRequestError as e:
             await _reply_error(stream, e)
         except (EOFError, ConnectionError, asyncio.TimeoutError):
@@ -433,10 +435,10 @@ class Handlers:
         except Exception:  # e.g. the ledger's disk: the session goes on, as if the receipt were lost
             logger.exception("credits failed on a receipt from %s", peer_id)
 
-    def _count_work(self, peer_id: str, hidden, blocks: int, receipted: bool = True) -> None:
+    def _count_work(self, peer_id: str, hidden, blocks: int, in_session: bool = True) -> None:
         """Block-tokens served to `peer_id`: sequences x new tokens x blocks (`hidden`: a tensor or WireTensor)."""
         if self.credits is not None:
-            self.credits.served(peer_id, hidden.shape[0] * hidden.shape[1] * blocks, receipted)
+            self.credits.served(peer_id, hidden.shape[0] * hidden.shape[1] * blocks, in_session)
 
     def _perturbed(self, output: torch.Tensor) -> torch.Tensor:
         if self.limits.perturb <= 0:
