@@ -1,5 +1,5 @@
 """Credits under contention on a real local swarm (processes on 127.0.0.1): 1 contributor client and 8 free-rider
-sessions saturating the same server, once on a server with credits (it trusts the contributor's home server A, and
+clients (8 peer identities, one session each) saturating the same server, once on a server with credits (it trusts the contributor's home server A, and
 the contributor's client holds A's delegation) and once on a server started with --no-credits (first come, first
 served). Both servers run one step at a time (--max-batch-size 1), so they are contended as soon as two steps wait.
 
@@ -57,7 +57,7 @@ def make_model(path: Path) -> Path:
 
 class Clients:
     def __init__(self, swarm: LocalSwarm, model: Path, server: str, identity: str | None, delegation: str | None,
-                 credits: bool = True):
+                 credits: bool = True, riders: int = RIDERS):
         config = load_config(model)
         self.model_id = model_id(config, model.name)
 
@@ -67,12 +67,15 @@ class Clients:
                                ClientConfig(allowed_servers=(server,), delegation_file=delegation, credits=credits))
 
         self.contributor = client(identity=identity)
-        self.riders = SwarmClient(NetworkConfig(initial_peers=tuple(swarm.initial_peers)), self.model_id,
-                                  config.num_hidden_layers, ClientConfig(allowed_servers=(server,)))
+        # One client (one fresh peer identity) per free rider, as the issue's test has it: the server sees 8 peers.
+        self.riders = [SwarmClient(NetworkConfig(initial_peers=tuple(swarm.initial_peers)), self.model_id,
+                                   config.num_hidden_layers, ClientConfig(allowed_servers=(server,)))
+                       for _ in range(riders)]
 
     def close(self) -> None:
         self.contributor.close()
-        self.riders.close()
+        for rider in self.riders:
+            rider.close()
 
 
 def run_phase(clients: Clients, steps: int, riders: int, think: float = 0.0) -> dict:
@@ -84,7 +87,7 @@ def run_phase(clients: Clients, steps: int, riders: int, think: float = 0.0) -> 
     x = torch.randn(1, 1, HIDDEN)
 
     def rider(index: int) -> None:
-        session = InferenceSession(clients.riders, max_length=1100)
+        session = InferenceSession(clients.riders[index], max_length=1100)
         try:
             session.step(torch.randn(1, PROMPT, HIDDEN))
             ready.wait()
@@ -182,7 +185,7 @@ def main() -> None:
         clients = {name: Clients(swarm, model, peers[name], str(workdir / f"{key}.key"),
                                  str(workdir / f"{key}.delegation"))
                    for name, key in (("credits", "contributor1"), ("fcfs", "contributor2"))}
-        plain = Clients(swarm, model, peers["credits"], None, None, credits=False)
+        plain = Clients(swarm, model, peers["credits"], None, None, credits=False, riders=0)  # idle phases only
         results: dict = {}
         try:
             for each in (*clients.values(), plain):
