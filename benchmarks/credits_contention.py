@@ -173,7 +173,10 @@ def main() -> None:
                                  swarm_id, time.time() + 3600))
     with LocalSwarm(workdir / "logs") as swarm:
         swarm.start_dht()
-        common = ["--num-threads", "1", "--max-batch-size", "1", "--credits-ledger"]
+        # One weight layout for both: `auto` measures at start-up, both servers at once on a loaded machine, and in
+        # two runs it gave the two servers different layouts (rowdot ~10 GB/s against column ~20 GB/s), so a step cost
+        # ~30 ms on one and ~17 ms on the other: the throughput comparison measured that, not credits.
+        common = ["--num-threads", "1", "--max-batch-size", "1", "--weight-layout", "row", "--credits-ledger"]
         credited = swarm.start_server(model, (0, 8), "server-credits",
                                       [*common, str(workdir / "credits.sqlite"), "--trusted-peers", home], wait=False)
         fcfs = swarm.start_server(model, (0, 8), "server-fcfs", [*common, str(workdir / "fcfs.sqlite"), "--no-credits"],
