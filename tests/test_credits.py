@@ -407,7 +407,9 @@ def test_forward_work_is_counted_but_does_not_cost_priority(tmp_path, keys):
     book = _book(tmp_path, "s", server, trusted=[peer(alice)])
     payer = Payer(alice, SWARM)
     session = book.open_session(peer(alice), payer.receipt(server))
-    for _ in range(3 * RECEIPT_SLACK_STEPS):  # training: forwards and backwards, which clients do not sign for
+    # Training: forwards and backwards, signed for with the client's next request (here: never, e.g. lost or with a
+    # client that does not pay for them); they are not session steps, so they never count as steps behind.
+    for _ in range(3 * RECEIPT_SLACK_STEPS):
         book.served(peer(alice), 100, in_session=False)
     book.served(peer(alice), 5)
     payer.accepted(server, 5)
