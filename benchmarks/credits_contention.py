@@ -9,8 +9,8 @@ thinks between steps: free riders' p50 against the contributor's, throughput aga
 receipts per step (signing + checking one receipt every RECEIPT_EVERY_STEPS steps, against a decode step; and the
 contributor's idle p50 with receipts against without).
 
-    python benchmarks/credits_contention.py                # ~6 minutes on 2 CPU cores
-    python benchmarks/credits_contention.py --steps 150    # shorter
+    python benchmarks/credits_contention.py                # ~8 minutes on 2 loaded CPU cores
+    python benchmarks/credits_contention.py --steps 150 --rounds 1   # ~2 minutes
 
 It is a benchmark, not a test: CPU numbers move with whatever else runs on the machine.
 """
